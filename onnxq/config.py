@@ -1,0 +1,137 @@
+"""Quantization configuration: frozen, validated, serialisable.
+
+``QuantConfig`` is the one object that says how a model is quantized. It is immutable, checks
+itself in ``__post_init__`` (raising ``ConfigError``), and round-trips through ``to_dict`` /
+``from_dict`` so a run can be recorded next to the model it produced.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from onnxq.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+class QuantType(str, enum.Enum):
+    """Integer type of a quantized tensor."""
+
+    UINT8 = "uint8"
+    INT8 = "int8"
+
+    @property
+    def bounds(self) -> tuple[int, int]:
+        """Full integer range (qmin, qmax)."""
+        return (0, 255) if self is QuantType.UINT8 else (-128, 127)
+
+
+class CalibrationMethod(str, enum.Enum):
+    """How an activation range is chosen from the observed values."""
+
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+
+
+class QuantMode(str, enum.Enum):
+    """Static: activation ranges from calibration. Dynamic: ranges computed at run time."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize a model.
+
+    Attributes:
+        method: activation range method (``minmax`` or ``percentile``).
+        percentile: for ``percentile``, the two-sided coverage in percent: the range is
+            ``[P(100 - p), P(p)]`` of the observed values (default 99.999).
+        per_channel: weights get one scale per output channel (needs opset >= 13).
+        activation_type: ``uint8`` (asymmetric) or ``int8``.
+        activation_symmetric: force zero point 0 for activations (int8 only).
+        weight_type: ``int8`` (symmetric, zero point 0) or ``uint8`` (asymmetric).
+        reduce_range: 7-bit weights, avoiding u8s8 saturation on x86 without VNNI.
+            ``None`` decides from the CPU (see ``onnxq.isa``).
+        op_types: op types that may be quantized; empty means the default set of
+            ops with an int8 kernel.
+        exclude_op_types: op types always left in float.
+        exclude_nodes: regular expressions; a node whose name matches any is left in float.
+        batch_size: calibration batch size for sources that are split into batches.
+        max_samples: stop calibration after this many samples (``None``: all).
+        quantize_outputs: also quantize tensors that are graph outputs. Off by default:
+            MatMul/Gemm keep an int8 kernel with a float output, and the model's
+            outputs keep full precision.
+    """
+
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.999
+    per_channel: bool = True
+    activation_type: QuantType = QuantType.UINT8
+    activation_symmetric: bool = False
+    weight_type: QuantType = QuantType.INT8
+    reduce_range: bool | None = None
+    op_types: tuple[str, ...] = ()
+    exclude_op_types: tuple[str, ...] = ()
+    exclude_nodes: tuple[str, ...] = ()
+    batch_size: int = 8
+    max_samples: int | None = None
+    quantize_outputs: bool = False
+    version: int = field(default=CONFIG_VERSION)
+
+    def __post_init__(self) -> None:
+        for name, enum_type in (
+            ("method", CalibrationMethod),
+            ("activation_type", QuantType),
+            ("weight_type", QuantType),
+        ):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                choices = ", ".join(m.value for m in enum_type)
+                raise ConfigError(f"{name} must be one of {choices}, got {value!r}") from None
+        for name in ("op_types", "exclude_op_types", "exclude_nodes"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.activation_symmetric and self.activation_type is QuantType.UINT8:
+            raise ConfigError("symmetric activations need activation_type int8")
+        for pattern in self.exclude_nodes:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"exclude_nodes: invalid regex {pattern!r}: {exc}") from None
+        if self.version != CONFIG_VERSION:
+            raise ConfigError(f"config version {self.version} is not supported")
+
+    def replace(self, **changes: Any) -> QuantConfig:
+        """A copy with some fields changed (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-serialisable dict (enums as their values)."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, enum.Enum):
+                out[key] = value.value
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantConfig:
+        """Inverse of ``to_dict``; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,42 @@
+"""Typed errors. Every user-facing failure is an ``OnnxqError`` with a one-line message.
+
+The CLI turns any ``OnnxqError`` into ``error: <message>`` and exit code 2.
+"""
+
+from __future__ import annotations
+
+
+class OnnxqError(Exception):
+    """Base class of every error onnxq raises on purpose."""
+
+
+class InvalidModelError(OnnxqError):
+    """The model file is missing, not ONNX, truncated, or fails the ONNX checker."""
+
+
+class UnsupportedModelError(OnnxqError):
+    """The model is valid ONNX but uses something onnxq cannot handle (e.g. an unknown op domain)."""
+
+
+class CalibrationDataError(OnnxqError):
+    """Calibration or evaluation data is empty, non-finite, or does not match the model's inputs."""
+
+
+class ConfigError(OnnxqError, ValueError):
+    """An invalid option or combination of options."""
+
+
+class OutputPathError(OnnxqError):
+    """The output path is unusable: equal to the input, or in a folder that cannot be written."""
+
+
+class ExportError(OnnxqError):
+    """Export from PyTorch failed, or ONNX Runtime does not reproduce the PyTorch outputs."""
+
+
+class RangesError(OnnxqError):
+    """A calibration cache (ranges file) is unreadable or belongs to another model."""
+
+
+class ProviderError(OnnxqError):
+    """A requested ONNX Runtime execution provider is not available."""

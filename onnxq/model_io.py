@@ -1,0 +1,131 @@
+"""Loading and saving models: clear errors on bad files, atomic writes, input never touched."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxq.errors import InvalidModelError, OutputPathError
+
+PathLike = str | os.PathLike[str]
+
+# ONNX element types a model input can have that calibration data can supply.
+_NP_DTYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT16: np.int16,
+    onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.INT32: np.int32,
+    onnx.TensorProto.UINT32: np.uint32,
+    onnx.TensorProto.INT64: np.int64,
+    onnx.TensorProto.UINT64: np.uint64,
+    onnx.TensorProto.BOOL: np.bool_,
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects for one input.
+
+    ``shape`` holds ints for fixed dims and ``None`` for symbolic/unknown ones; ``batch_axis`` is
+    the first symbolic dim (``None`` when every dim is fixed: the batch is then the fixed dim 0).
+    """
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @property
+    def batch_axis(self) -> int | None:
+        if self.shape is None:
+            return 0
+        for axis, dim in enumerate(self.shape):
+            if dim is None:
+                return axis
+        return None
+
+
+def load_model(path: PathLike) -> onnx.ModelProto:
+    """Read an ONNX file (external data included), failing with ``InvalidModelError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InvalidModelError(f"{path}: file is empty, not an ONNX model")
+    try:
+        model = onnx.load(os.fspath(path))
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise InvalidModelError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_first_line(exc)}") from None
+    if not model.graph.node and not model.graph.output:
+        raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"{path}: the ONNX checker rejects the model: {_first_line(exc)}") from None
+    return model
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph inputs a caller must feed (initializers listed as inputs are excluded)."""
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        dtype = np.dtype(_NP_DTYPES.get(tensor_type.elem_type, np.float32))
+        shape = None
+        if tensor_type.HasField("shape"):
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, dtype, shape))
+    return specs
+
+
+def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
+    """Refuse an output equal to an input or in a folder that cannot be written."""
+    out = Path(output)
+    for src in inputs:
+        if out.resolve() == Path(src).resolve():
+            raise OutputPathError(f"{out}: output path is the input model; refusing to overwrite it")
+    folder = out.resolve().parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{out}: output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise OutputPathError(f"{out}: output folder {folder} is not writable")
+    if out.is_dir():
+        raise OutputPathError(f"{out}: output path is a folder")
+    return out
+
+
+def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
+    """Write atomically: serialise to a temporary file in the same folder, then rename.
+
+    A failure (or Ctrl-C) at any point leaves no partial file at ``output``.
+    """
+    out = check_output_path(output)
+    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    data = proto.SerializeToString()
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
