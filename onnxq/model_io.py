@@ -65,13 +65,17 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(os.fspath(path))
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise InvalidModelError(f"{path}: not a valid ONNX model (truncated or corrupt?): {_first_line(exc)}") from None
+        raise InvalidModelError(
+            f"{path}: not a valid ONNX model (truncated or corrupt?): {_first_line(exc)}"
+        ) from None
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
-        raise InvalidModelError(f"{path}: the ONNX checker rejects the model: {_first_line(exc)}") from None
+        raise InvalidModelError(
+            f"{path}: the ONNX checker rejects the model: {_first_line(exc)}"
+        ) from None
     return model
 
 
@@ -86,7 +90,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
         dtype = np.dtype(_NP_DTYPES.get(tensor_type.elem_type, np.float32))
         shape = None
         if tensor_type.HasField("shape"):
-            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+            shape = tuple(
+                d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
+            )
         specs.append(InputSpec(value.name, dtype, shape))
     return specs
 
@@ -96,7 +102,9 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
     out = Path(output)
     for src in inputs:
         if out.resolve() == Path(src).resolve():
-            raise OutputPathError(f"{out}: output path is the input model; refusing to overwrite it")
+            raise OutputPathError(
+                f"{out}: output path is the input model; refusing to overwrite it"
+            )
     folder = out.resolve().parent
     if not folder.is_dir():
         raise OutputPathError(f"{out}: output folder {folder} does not exist")

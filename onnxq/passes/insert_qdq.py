@@ -1,0 +1,286 @@
+"""Rewrite a float graph into a QDQ graph following a ``QuantPlan``.
+
+Rewrite rules (``InsertQDQPass``):
+1. Activation ``t`` -> ``QuantizeLinear(t) -> DequantizeLinear``; every consumer of ``t`` reads
+   the DQ output, so ``t``'s producer feeds only the Q and ORT can fuse it. Graph outputs keep
+   the float tensor unless ``quantize_outputs``.
+2. Weight ``W`` -> int8 (or uint8) initializer -> ``DequantizeLinear`` (``axis`` when
+   per-channel). The float initializer is dropped once nothing else reads it, so the file
+   shrinks about 4x.
+3. Conv/Gemm bias ``b`` -> int32 initializer with ``scale = input_scale * weight_scale``,
+   zero point 0 -> ``DequantizeLinear``. Weight scales are raised first where the int32 bias
+   would overflow.
+4. Scale and zero-point initializers are shared by every Q/DQ of the same root tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig, QuantType
+from onnxq.passes.op_rules import OpRule, weight_axis
+from onnxq.passes.plan import QuantPlan, is_constant, is_float32
+from onnxq.qparams import (
+    QParams,
+    fit_weight_scale_to_bias,
+    quantize,
+    quantize_bias,
+    weight_qparams,
+)
+
+
+class InsertQDQPass(ir.passes.InPlacePass):
+    """Insert Q/DQ pairs and quantized initializers (see module docstring)."""
+
+    def __init__(
+        self,
+        plan: QuantPlan,
+        activation_qparams: Mapping[str, QParams],
+        config: QuantConfig,
+        *,
+        reduce_range: bool,
+    ) -> None:
+        super().__init__()
+        self.plan = plan
+        self.activation_qparams = activation_qparams
+        self.config = config
+        self.reduce_range = reduce_range
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        rewriter = _Rewriter(model.graph, self.activation_qparams, self.config, self.reduce_range)
+        for name, root in self.plan.activations.items():
+            rewriter.quantize_activation(name, root)
+        for node, rule, _ in self.plan.nodes:
+            rewriter.quantize_constants(node, rule)
+        rewriter.drop_unused_initializers()
+        model.graph.sort()
+        return ir.passes.PassResult(model, modified=bool(self.plan.activations or self.plan.nodes))
+
+
+def insert_qdq(
+    model: ir.Model,
+    plan: QuantPlan,
+    activation_qparams: Mapping[str, QParams],
+    config: QuantConfig,
+    *,
+    reduce_range: bool = False,
+) -> ir.Model:
+    """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it)."""
+    return InsertQDQPass(plan, activation_qparams, config, reduce_range=reduce_range)(model).model
+
+
+class _Rewriter:
+    """Graph edits for one pass run; caches shared initializers and weight DQs."""
+
+    def __init__(
+        self,
+        graph: ir.Graph,
+        activation_qparams: Mapping[str, QParams],
+        config: QuantConfig,
+        reduce_range: bool,
+    ) -> None:
+        self.graph = graph
+        self.activation_qparams = activation_qparams
+        self.config = config
+        self.reduce_range = reduce_range
+        self.values = {v.name: v for v in _all_values(graph)}
+        self.qparam_inputs: dict[tuple[str, bytes, bytes], tuple[ir.Value, ir.Value]] = {}
+        self.weight_dq: dict[tuple[str, int | None, bytes], tuple[ir.Value, QParams]] = {}
+        self.dequantized_roots: dict[int, str] = {}  # id(DQ output value) -> root tensor
+
+    # -- activations -------------------------------------------------------------------------
+    def quantize_activation(self, name: str, root: str) -> None:
+        value = self.values[name]
+        qp = self.activation_qparams[root]
+        scale, zero_point = self._qparam_values(root, qp)
+        quantized = ir.Value(name=f"{name}_quantized")
+        dequantized = ir.Value(
+            name=f"{name}_dequantized", shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT)
+        )
+        q_node = ir.Node(
+            "",
+            "QuantizeLinear",
+            [value, scale, zero_point],
+            outputs=[quantized],
+            name=f"{name}_QuantizeLinear",
+        )
+        dq_node = ir.Node(
+            "",
+            "DequantizeLinear",
+            [quantized, scale, zero_point],
+            outputs=[dequantized],
+            name=f"{name}_DequantizeLinear",
+        )
+        self.dequantized_roots[id(dequantized)] = root
+        for use in list(value.uses()):
+            if use.node is not q_node:
+                use.node.replace_input_with(use.idx, dequantized)
+        if value.is_graph_output() and self.config.quantize_outputs:
+            self._move_graph_output(value, dequantized)
+        producer = value.producer()
+        if producer is not None and producer.graph is self.graph:
+            self.graph.insert_after(producer, [q_node, dq_node])
+        else:
+            self.graph.insert_before(next(iter(self.graph)), [q_node, dq_node])
+
+    def _move_graph_output(self, value: ir.Value, dequantized: ir.Value) -> None:
+        """The graph output keeps its name and now carries the DQ output."""
+        outputs = self.graph.outputs
+        name = value.name
+        value.name = f"{name}_float"
+        dequantized.name = name
+        for i, out in enumerate(outputs):
+            if out is value:
+                outputs[i] = dequantized
+
+    # -- weights and biases ------------------------------------------------------------------
+    def quantize_constants(self, node: ir.Node, rule: OpRule) -> None:
+        weight_indices = [rule.weight_input] if rule.weight_input is not None else []
+        if rule.constant_operands_ok:
+            weight_indices = [i for i, v in enumerate(node.inputs) if is_constant(v)]
+        bias = None
+        if rule.bias_input is not None and len(node.inputs) > rule.bias_input:
+            bias = node.inputs[rule.bias_input]
+        for index in weight_indices:
+            weight = node.inputs[index]
+            if weight is None or not is_float32(weight):
+                continue
+            bias_ok = index == rule.weight_input and self._bias_quantizable(node, bias)
+            dq, qp = self._weight(node, index, weight, bias if bias_ok else None)
+            node.replace_input_with(index, dq)
+            if bias_ok:
+                self._quantize_bias(node, rule.bias_input, bias, qp)
+
+    def _bias_quantizable(self, node: ir.Node, bias: ir.Value | None) -> bool:
+        """A bias is int32-quantized only when it is a 1-D float constant of a node whose input
+        is quantized (and, for Gemm, ``alpha == beta == 1``)."""
+        if bias is None or not is_constant(bias) or not is_float32(bias):
+            return False
+        if len(bias.const_value.shape) != 1 or self._input_qparams(node) is None:
+            return False
+        return all(
+            node.attributes[attr].as_float() == 1.0
+            for attr in ("alpha", "beta")
+            if attr in node.attributes
+        )
+
+    def _weight(
+        self, node: ir.Node, index: int, weight: ir.Value, bias: ir.Value | None
+    ) -> tuple[ir.Value, QParams]:
+        array = weight.const_value.numpy().astype(np.float32)
+        axis = weight_axis(node, index, array.ndim) if self.config.per_channel else None
+        symmetric = self.config.weight_type is QuantType.INT8
+        qp = weight_qparams(
+            array,
+            self.config.weight_type,
+            axis=axis,
+            symmetric=symmetric,
+            reduce_range=self.reduce_range,
+        )
+        if bias is not None:
+            input_scale = self._input_scale(node)
+            bias_array = bias.const_value.numpy()
+            if qp.axis is not None and qp.scale.shape != bias_array.shape:
+                qp = weight_qparams(
+                    array,
+                    self.config.weight_type,
+                    axis=None,
+                    symmetric=symmetric,
+                    reduce_range=self.reduce_range,
+                )
+            limit = np.abs(bias_array).max() if qp.axis is None else np.abs(bias_array)
+            scale = fit_weight_scale_to_bias(qp.scale, input_scale, np.asarray(limit))
+            qp = QParams(scale.reshape(qp.scale.shape), qp.zero_point, qp.axis)
+        key = (weight.name, qp.axis, qp.scale.tobytes())
+        if key not in self.weight_dq:
+            quantized = ir.Value(
+                name=f"{weight.name}_quantized",
+                const_value=ir.tensor(quantize(array, qp), name=f"{weight.name}_quantized"),
+            )
+            self._register(quantized)
+            scale, zero_point = self._qparam_values(weight.name, qp)
+            dq = ir.Value(
+                name=f"{weight.name}_dequantized",
+                shape=weight.shape,
+                type=ir.TensorType(ir.DataType.FLOAT),
+            )
+            attributes = {"axis": qp.axis} if qp.axis is not None else {}
+            dq_node = ir.node(
+                "DequantizeLinear",
+                [quantized, scale, zero_point],
+                attributes,
+                outputs=[dq],
+                name=f"{weight.name}_DequantizeLinear",
+            )
+            self.graph.insert_before(node, dq_node)
+            self.weight_dq[key] = (dq, qp)
+        return self.weight_dq[key]
+
+    def _quantize_bias(self, node: ir.Node, index: int, bias: ir.Value, weight_qp: QParams) -> None:
+        q_bias, qp = quantize_bias(
+            bias.const_value.numpy(), self._input_scale(node), weight_qp.scale
+        )
+        name = f"{bias.name}_{node.name}_quantized"
+        quantized = ir.Value(name=name, const_value=ir.tensor(q_bias, name=name))
+        self._register(quantized)
+        scale, zero_point = self._qparam_values(name, qp)
+        dq = ir.Value(
+            name=f"{name}_dequantized", shape=bias.shape, type=ir.TensorType(ir.DataType.FLOAT)
+        )
+        attributes = {"axis": 0} if qp.axis is not None else {}
+        dq_node = ir.node(
+            "DequantizeLinear",
+            [quantized, scale, zero_point],
+            attributes,
+            outputs=[dq],
+            name=f"{name}_DequantizeLinear",
+        )
+        self.graph.insert_before(node, dq_node)
+        node.replace_input_with(index, dq)
+
+    def _input_qparams(self, node: ir.Node) -> QParams | None:
+        """QParams of the node's first input when it reads one of our DQ outputs."""
+        root = self.dequantized_roots.get(id(node.inputs[0]))
+        return None if root is None else self.activation_qparams[root]
+
+    def _input_scale(self, node: ir.Node) -> float:
+        return float(self._input_qparams(node).scale)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _qparam_values(self, owner: str, qp: QParams) -> tuple[ir.Value, ir.Value]:
+        key = (owner, qp.scale.tobytes(), qp.zero_point.tobytes())
+        if key not in self.qparam_inputs:
+            taken = any(key[0] == owner for key in self.qparam_inputs)
+            suffix = f"_{len(self.qparam_inputs)}" if taken else ""
+            scale = ir.Value(
+                name=f"{owner}_scale{suffix}",
+                const_value=ir.tensor(qp.scale, name=f"{owner}_scale{suffix}"),
+            )
+            zp = ir.Value(
+                name=f"{owner}_zero_point{suffix}",
+                const_value=ir.tensor(qp.zero_point, name=f"{owner}_zero_point{suffix}"),
+            )
+            self._register(scale)
+            self._register(zp)
+            self.qparam_inputs[key] = (scale, zp)
+        return self.qparam_inputs[key]
+
+    def _register(self, value: ir.Value) -> None:
+        value.type = ir.TensorType(value.const_value.dtype)
+        value.shape = ir.Shape(value.const_value.shape)
+        self.graph.register_initializer(value)
+
+    def drop_unused_initializers(self) -> None:
+        for name, value in list(self.graph.initializers.items()):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                del self.graph.initializers[name]
+
+
+def _all_values(graph: ir.Graph) -> list[ir.Value]:
+    values = list(graph.inputs) + list(graph.initializers.values())
+    for node in graph:
+        values.extend(node.outputs)
+    return values

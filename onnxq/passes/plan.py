@@ -1,0 +1,246 @@
+"""Decide what gets quantized: nodes, activation tensors, shared qparams, and why not.
+
+``plan_quantization`` reads a prepared float graph and a ``QuantConfig`` and returns a
+``QuantPlan``. It changes nothing. Rules, in order:
+
+1. Only main-graph nodes of the default domain are candidates; subgraph bodies stay float.
+2. A candidate needs a rule in ``op_rules.QUANTIZABLE_OPS`` (an int8 kernel exists), must pass
+   the config's op-type and node-name filters, and every activation input must be a
+   non-constant float32 tensor (constants only where the rule takes a weight).
+3. The quantization point of a node's output moves past a single Relu/Clip follower.
+4. A node whose quantization point is a graph output declines unless its kernel also has a
+   float output or ``quantize_outputs`` is set.
+5. Pass-through ops (reshape, pooling by max, ...) whose data input is quantized share that
+   input's qparams for their output, so chains of them stay int8.
+6. Tensors in ``skip_tensors`` (e.g. no finite calibration values) are never quantized; nodes
+   that need them decline.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig
+from onnxq.passes.op_rules import (
+    FOLDABLE_ACTIVATIONS,
+    PASS_THROUGH_OPS,
+    QUANTIZABLE_OPS,
+    OpRule,
+    clip_is_foldable,
+)
+
+
+@dataclass(frozen=True)
+class NodeDecision:
+    """Whether a node was quantized, and why (or why not)."""
+
+    name: str
+    op_type: str
+    quantized: bool
+    reason: str
+
+
+@dataclass
+class QuantPlan:
+    """What ``insert_qdq`` will do.
+
+    ``activations`` maps each tensor that gets a Q/DQ pair to its *root*: the tensor whose
+    calibrated range gives its qparams (itself, or a pass-through op's quantized input).
+    ``nodes`` lists the quantized nodes with their rule and output quantization point.
+    """
+
+    nodes: list[tuple[ir.Node, OpRule, ir.Value | None]] = field(default_factory=list)
+    activations: dict[str, str] = field(default_factory=dict)
+    decisions: list[NodeDecision] = field(default_factory=list)
+
+    @property
+    def roots(self) -> list[str]:
+        """Tensors that need calibrated ranges."""
+        return sorted(set(self.activations.values()))
+
+
+def is_float32(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def is_constant(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and not value.is_graph_input()
+
+
+def node_label(node: ir.Node, index: int) -> str:
+    return node.name or f"{node.op_type}_{index}"
+
+
+def plan_quantization(
+    model: ir.Model, config: QuantConfig, *, skip_tensors: Iterable[str] = ()
+) -> QuantPlan:
+    """Apply the module's rules to the main graph of ``model``."""
+    graph = model.graph
+    skip = set(skip_tensors)
+    allowed_ops = set(config.op_types) or set(QUANTIZABLE_OPS)
+    excluded_ops = set(config.exclude_op_types)
+    name_patterns = [re.compile(p) for p in config.exclude_nodes]
+    plan = QuantPlan()
+    decided: dict[int, NodeDecision] = {}
+    needed: set[str] = set()
+
+    for index, node in enumerate(graph):
+        label = node_label(node, index)
+
+        def decline(reason: str, node: ir.Node = node, label: str = label) -> None:
+            decided[id(node)] = NodeDecision(label, node.op_type, False, reason)
+
+        rule = QUANTIZABLE_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            continue
+        if node.op_type not in allowed_ops:
+            decline("op type not selected")
+            continue
+        if node.op_type in excluded_ops:
+            decline("excluded by op type")
+            continue
+        matching = next((p.pattern for p in name_patterns if p.search(node.name or "")), None)
+        if matching is not None:
+            decline(f"excluded by name pattern {matching!r}")
+            continue
+        reason = _check_inputs(node, rule, skip)
+        if reason:
+            decline(reason)
+            continue
+        point = _output_point(node)
+        if point is not None and (point.name in skip or not is_float32(point)):
+            point = None
+        if point is not None and point.is_graph_output() and not config.quantize_outputs:
+            point = None
+        if point is None and not rule.float_output_ok:
+            decline(
+                f"{rule.kernel} needs a quantized output (output is a graph output or "
+                "cannot be quantized)"
+            )
+            continue
+        plan.nodes.append((node, rule, point))
+        decided[id(node)] = NodeDecision(label, node.op_type, True, rule.kernel)
+        needed.update(v.name for v in _activation_inputs(node, rule))
+        if point is not None:
+            needed.add(point.name)
+
+    plan.activations = _share_through_pass_through(graph, needed, skip, decided)
+    plan.decisions = [decided[id(n)] for n in graph if id(n) in decided]
+    plan.decisions += [
+        NodeDecision(node_label(n, i), n.op_type, False, "inside a subgraph (If/Loop/Scan body)")
+        for i, n in enumerate(_subgraph_nodes(graph))
+        if n.op_type in QUANTIZABLE_OPS
+    ]
+    return plan
+
+
+def _activation_inputs(node: ir.Node, rule: OpRule) -> list[ir.Value]:
+    """The inputs that get a Q/DQ pair (not weights, biases or absent inputs)."""
+    indices = range(len(node.inputs)) if rule.activation_inputs is None else rule.activation_inputs
+    values = []
+    for i in indices:
+        value = node.inputs[i] if i < len(node.inputs) else None
+        if value is None or i in (rule.weight_input, rule.bias_input):
+            continue
+        if rule.constant_operands_ok and is_constant(value):
+            continue  # MatMul's constant operand is a weight
+        values.append(value)
+    return values
+
+
+def _check_inputs(node: ir.Node, rule: OpRule, skip: set[str]) -> str:
+    """Empty when the node's inputs allow quantization, else the reason they do not."""
+    if rule.weight_input is not None:
+        weight = node.inputs[rule.weight_input] if len(node.inputs) > rule.weight_input else None
+        if not is_constant(weight):
+            return "weight is not a constant"
+        if not is_float32(weight):
+            return "weight is not float32"
+    activations = _activation_inputs(node, rule)
+    if not activations:
+        return "no activation input"
+    for value in activations:
+        if not is_float32(value):
+            return f"input {value.name!r} is not float32"
+        if is_constant(value):
+            return f"input {value.name!r} is a constant (no int8 gain)"
+        if value.name in skip:
+            return f"input {value.name!r} has no usable calibration range"
+    if rule.constant_operands_ok:
+        for value in node.inputs:
+            if is_constant(value) and not is_float32(value):
+                return f"input {value.name!r} is not float32"
+    return ""
+
+
+def _output_point(node: ir.Node) -> ir.Value | None:
+    """Where the node's output is quantized: after a sole Relu/Clip follower, else the output."""
+    if len(node.outputs) != 1:
+        return None
+    output = node.outputs[0]
+    uses = list(output.uses())
+    if len(uses) == 1 and not output.is_graph_output():
+        follower = uses[0].node
+        if (
+            follower.op_type in FOLDABLE_ACTIVATIONS
+            and follower.domain in ("", "ai.onnx")
+            and uses[0].idx == 0
+            and clip_is_foldable(follower)
+            and follower.graph is node.graph
+        ):
+            return follower.outputs[0]
+    return output
+
+
+def _share_through_pass_through(
+    graph: ir.Graph, needed: set[str], skip: set[str], decided: dict[int, NodeDecision]
+) -> dict[str, str]:
+    """Map each quantized tensor to its root (rule 5).
+
+    Forward: a pass-through output has a quantized origin when its data input does.
+    Backward: a needed pass-through output pulls its data input in when that input has one,
+    so chains like ``Q -> MaxPool -> Reshape -> DQ`` keep one scale end to end.
+    """
+    passes = [n for n in graph if n.op_type in PASS_THROUGH_OPS and n.domain in ("", "ai.onnx")]
+    origin: set[str] = set(needed)
+    for node in passes:
+        data = node.inputs[0] if node.inputs else None
+        if data is not None and data.name in origin and not is_constant(data):
+            origin.update(o.name for o in node.outputs if is_float32(o) and o.name not in skip)
+    for node in reversed(passes):
+        data = node.inputs[0] if node.inputs else None
+        if data is None or data.name not in origin or is_constant(data):
+            continue
+        if any(o.name in needed for o in node.outputs):
+            needed.add(data.name)
+    roots: dict[str, str] = {}
+    for index, node in enumerate(graph):
+        if node.op_type not in PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        data = node.inputs[0] if node.inputs else None
+        if data is None or data.name not in needed:
+            continue
+        shared = [o for o in node.outputs if o.name in needed]
+        for output in shared:
+            roots[output.name] = roots.get(data.name, data.name)
+        if shared:
+            decided[id(node)] = NodeDecision(
+                node_label(node, index), node.op_type, True, "int8 pass-through (shared qparams)"
+            )
+    return {name: roots.get(name, name) for name in sorted(needed)}
+
+
+def _subgraph_nodes(graph: ir.Graph) -> list[ir.Node]:
+    nodes = []
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                nodes.extend(attr.as_graph().all_nodes())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    nodes.extend(sub.all_nodes())
+    return nodes

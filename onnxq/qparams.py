@@ -1,0 +1,148 @@
+"""Quantization parameters: pure numpy, no graph knowledge.
+
+Affine quantization maps a real value ``r`` to an integer ``q``::
+
+    q = saturate(round_half_to_even(r / scale) + zero_point)      r' = (q - zero_point) * scale
+
+Rules every function here keeps:
+1. The real range always contains 0, and 0 is exactly representable (``zero_point`` is an integer).
+2. Symmetric parameters have ``zero_point`` 0 and use the narrow range ``[-qmax, qmax]``.
+3. ``reduce_range`` drops one bit (int8 -> [-64, 63], uint8 -> [0, 127]).
+4. A degenerate range (``rmin == rmax == 0``) gets ``scale = 1``: every value is 0 and is exact.
+5. Ranges must be finite; observers drop non-finite values before they get here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.config import QuantType
+
+INT32_MAX = np.iinfo(np.int32).max
+
+_NUMPY_TYPES = {QuantType.UINT8: np.uint8, QuantType.INT8: np.int8}
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one tensor: scalars (per-tensor) or vectors along ``axis``."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+
+    @property
+    def qmin(self) -> int:
+        return int(np.iinfo(self.zero_point.dtype).min)
+
+    @property
+    def qmax(self) -> int:
+        return int(np.iinfo(self.zero_point.dtype).max)
+
+
+def integer_bounds(
+    qtype: QuantType, *, symmetric: bool = False, reduce_range: bool = False
+) -> tuple[int, int]:
+    """The integers a tensor may use (rules 2 and 3)."""
+    qmin, qmax = qtype.bounds
+    if reduce_range:
+        qmin, qmax = (0, 127) if qtype is QuantType.UINT8 else (-64, 63)
+    if symmetric:
+        if qtype is QuantType.UINT8:
+            raise ValueError("symmetric quantization needs a signed type")
+        qmin = -qmax
+    return qmin, qmax
+
+
+def compute_qparams(
+    rmin: np.ndarray | float,
+    rmax: np.ndarray | float,
+    qtype: QuantType,
+    *,
+    symmetric: bool = False,
+    reduce_range: bool = False,
+    axis: int | None = None,
+) -> QParams:
+    """Scale and zero point covering ``[rmin, rmax]`` (elementwise for per-channel ranges).
+
+    Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zp = round(qmin - rmin / scale)``.
+    Symmetric: ``scale = max(|rmin|, |rmax|) / qmax``, ``zp = 0``.
+    """
+    rmin = np.minimum(np.asarray(rmin, dtype=np.float64), 0.0)
+    rmax = np.maximum(np.asarray(rmax, dtype=np.float64), 0.0)
+    if not (np.all(np.isfinite(rmin)) and np.all(np.isfinite(rmax))):
+        raise ValueError("quantization range must be finite")
+    qmin, qmax = integer_bounds(qtype, symmetric=symmetric, reduce_range=reduce_range)
+    span = np.maximum(-rmin, rmax) / qmax if symmetric else (rmax - rmin) / (qmax - qmin)
+    scale = span.astype(np.float32)
+    scale = np.where((scale > 0) & np.isfinite(scale), scale, np.float32(1.0)).astype(np.float32)
+    if symmetric:
+        zero_point = np.zeros_like(scale, dtype=np.float64)
+    else:
+        zero_point = np.clip(np.round(qmin - rmin / scale.astype(np.float64)), qmin, qmax)
+    return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis)
+
+
+def weight_qparams(
+    weight: np.ndarray,
+    qtype: QuantType,
+    *,
+    axis: int | None,
+    symmetric: bool,
+    reduce_range: bool = False,
+) -> QParams:
+    """Min-max qparams of a constant tensor, per channel along ``axis`` or per tensor."""
+    weight = np.asarray(weight, dtype=np.float32)
+    if axis is None:
+        rmin, rmax = weight.min(initial=0.0), weight.max(initial=0.0)
+    else:
+        reduce_axes = tuple(i for i in range(weight.ndim) if i != axis % weight.ndim)
+        rmin = weight.min(axis=reduce_axes, initial=0.0)
+        rmax = weight.max(axis=reduce_axes, initial=0.0)
+    return compute_qparams(
+        rmin, rmax, qtype, symmetric=symmetric, reduce_range=reduce_range, axis=axis
+    )
+
+
+def quantize(x: np.ndarray, qp: QParams) -> np.ndarray:
+    """``saturate(round_half_to_even(x / scale) + zero_point)``, as ONNX QuantizeLinear."""
+    scale, zero_point = _broadcast(qp, np.ndim(x))
+    q = np.rint(np.asarray(x, dtype=np.float32) / scale) + zero_point.astype(np.float32)
+    return np.clip(q, qp.qmin, qp.qmax).astype(qp.zero_point.dtype)
+
+
+def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
+    """``(q - zero_point) * scale``, as ONNX DequantizeLinear."""
+    scale, zero_point = _broadcast(qp, np.ndim(q))
+    return ((q.astype(np.int32) - zero_point.astype(np.int32)) * scale).astype(np.float32)
+
+
+def fit_weight_scale_to_bias(
+    weight_scale: np.ndarray, input_scale: float, bias: np.ndarray
+) -> np.ndarray:
+    """Raise weight scales where ``bias / (input_scale * weight_scale)`` would overflow int32."""
+    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * INT32_MAX)
+    return np.maximum(weight_scale, needed.astype(np.float32)).astype(np.float32)
+
+
+def quantize_bias(
+    bias: np.ndarray, input_scale: float, weight_scale: np.ndarray
+) -> tuple[np.ndarray, QParams]:
+    """Int32 bias with ``scale = input_scale * weight_scale`` and zero point 0."""
+    scale = np.float32(input_scale) * np.asarray(weight_scale, dtype=np.float32)
+    scale = np.broadcast_to(scale, bias.shape) if scale.ndim else scale
+    scale = np.asarray(scale, dtype=np.float32)
+    q = np.rint(bias.astype(np.float64) / scale.astype(np.float64))
+    q = np.clip(q, -INT32_MAX, INT32_MAX).astype(np.int32)
+    axis = 0 if scale.ndim else None
+    return q, QParams(scale, np.zeros_like(scale, dtype=np.int32), axis)
+
+
+def _broadcast(qp: QParams, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+    if qp.axis is None or qp.scale.ndim == 0:
+        return qp.scale, qp.zero_point
+    shape = [1] * ndim
+    shape[qp.axis % ndim] = -1
+    return qp.scale.reshape(shape), qp.zero_point.reshape(shape)
