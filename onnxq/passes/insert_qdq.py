@@ -53,7 +53,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         rewriter = _Rewriter(model.graph, self.activation_qparams, self.config, self.reduce_range)
         for name, root in self.plan.activations.items():
             rewriter.quantize_activation(name, root)
-        for node, rule, _ in self.plan.nodes:
+        for node, rule in self.plan.nodes:
             rewriter.quantize_constants(node, rule)
         rewriter.drop_unused_initializers()
         model.graph.sort()

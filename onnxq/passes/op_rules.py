@@ -42,7 +42,11 @@ QUANTIZABLE_OPS: dict[str, OpRule] = {
     "LeakyRelu": OpRule("QLinearLeakyRelu"),
     "Concat": OpRule("QLinearConcat", activation_inputs=None),
 }
-"""Ops with an int8 kernel in ONNX Runtime's CPU provider, quantized by default."""
+"""Ops onnxq knows how to quantize; ``op_types`` in the config selects among them."""
+
+DEFAULT_OPS = frozenset(QUANTIZABLE_OPS) - {"ConvTranspose"}
+"""Quantized unless the config says otherwise: ops ORT's CPU provider fuses into an int8
+kernel. ORT 1.32 leaves a QDQ ConvTranspose in float (pure overhead), so it is opt-in."""
 
 PASS_THROUGH_OPS = frozenset(
     {

@@ -9,7 +9,8 @@
    non-constant float32 tensor (constants only where the rule takes a weight).
 3. The quantization point of a node's output moves past a single Relu/Clip follower.
 4. A node whose quantization point is a graph output declines unless its kernel also has a
-   float output or ``quantize_outputs`` is set.
+   float output or ``quantize_outputs`` is set. Kernels with a float output (MatMul, Gemm)
+   get an output Q/DQ only where a quantized consumer reads it.
 5. Pass-through ops (reshape, pooling by max, ...) whose data input is quantized share that
    input's qparams for their output, so chains of them stay int8.
 6. Tensors in ``skip_tensors`` (e.g. no finite calibration values) are never quantized; nodes
@@ -26,6 +27,7 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.passes.op_rules import (
+    DEFAULT_OPS,
     FOLDABLE_ACTIVATIONS,
     PASS_THROUGH_OPS,
     QUANTIZABLE_OPS,
@@ -50,10 +52,10 @@ class QuantPlan:
 
     ``activations`` maps each tensor that gets a Q/DQ pair to its *root*: the tensor whose
     calibrated range gives its qparams (itself, or a pass-through op's quantized input).
-    ``nodes`` lists the quantized nodes with their rule and output quantization point.
+    ``nodes`` lists the quantized nodes with their rule.
     """
 
-    nodes: list[tuple[ir.Node, OpRule, ir.Value | None]] = field(default_factory=list)
+    nodes: list[tuple[ir.Node, OpRule]] = field(default_factory=list)
     activations: dict[str, str] = field(default_factory=dict)
     decisions: list[NodeDecision] = field(default_factory=list)
 
@@ -81,12 +83,13 @@ def plan_quantization(
     """Apply the module's rules to the main graph of ``model``."""
     graph = model.graph
     skip = set(skip_tensors)
-    allowed_ops = set(config.op_types) or set(QUANTIZABLE_OPS)
+    allowed_ops = set(config.op_types) or DEFAULT_OPS
     excluded_ops = set(config.exclude_op_types)
     name_patterns = [re.compile(p) for p in config.exclude_nodes]
     plan = QuantPlan()
     decided: dict[int, NodeDecision] = {}
     needed: set[str] = set()
+    points: set[str] = set()
 
     for index, node in enumerate(graph):
         label = node_label(node, index)
@@ -122,13 +125,15 @@ def plan_quantization(
                 "cannot be quantized)"
             )
             continue
-        plan.nodes.append((node, rule, point))
+        plan.nodes.append((node, rule))
         decided[id(node)] = NodeDecision(label, node.op_type, True, rule.kernel)
         needed.update(v.name for v in _activation_inputs(node, rule))
         if point is not None:
-            needed.add(point.name)
+            points.add(point.name)
+            if not rule.float_output_ok or point.is_graph_output():
+                needed.add(point.name)
 
-    plan.activations = _share_through_pass_through(graph, needed, skip, decided)
+    plan.activations = _share_through_pass_through(graph, needed, points, skip, decided)
     plan.decisions = [decided[id(n)] for n in graph if id(n) in decided]
     plan.decisions += [
         NodeDecision(node_label(n, i), n.op_type, False, "inside a subgraph (If/Loop/Scan body)")
@@ -197,16 +202,21 @@ def _output_point(node: ir.Node) -> ir.Value | None:
 
 
 def _share_through_pass_through(
-    graph: ir.Graph, needed: set[str], skip: set[str], decided: dict[int, NodeDecision]
+    graph: ir.Graph,
+    needed: set[str],
+    points: set[str],
+    skip: set[str],
+    decided: dict[int, NodeDecision],
 ) -> dict[str, str]:
     """Map each quantized tensor to its root (rule 5).
 
-    Forward: a pass-through output has a quantized origin when its data input does.
+    Forward: a pass-through output has a quantized origin when its data input is a node's
+    output quantization point or itself has one.
     Backward: a needed pass-through output pulls its data input in when that input has one,
     so chains like ``Q -> MaxPool -> Reshape -> DQ`` keep one scale end to end.
     """
     passes = [n for n in graph if n.op_type in PASS_THROUGH_OPS and n.domain in ("", "ai.onnx")]
-    origin: set[str] = set(needed)
+    origin: set[str] = needed | points
     for node in passes:
         data = node.inputs[0] if node.inputs else None
         if data is not None and data.name in origin and not is_constant(data):
