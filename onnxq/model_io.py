@@ -123,11 +123,17 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     out = check_output_path(output)
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
     data = proto.SerializeToString()
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    except OSError as exc:
+        raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
         os.replace(tmp, out)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
