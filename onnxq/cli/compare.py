@@ -1,0 +1,91 @@
+"""``onnxq compare``: fp32 against quantized models: accuracy, latency, throughput, size, memory."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from onnxq.model_io import check_output_path
+from onnxq.runtime import Provider
+
+
+@click.command("compare")
+@click.argument("fp32", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument(
+    "quantized", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Evaluation data: .npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
+)
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help=".npy or .npz.")
+@click.option(
+    "--provider",
+    type=click.Choice([p.value for p in Provider]),
+    default=Provider.CPU.value,
+    show_default=True,
+)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--max-samples", type=int, default=None)
+@click.option("--runs", type=int, default=100, show_default=True, help="Timed batch-1 runs.")
+@click.option("--warmup", type=int, default=10, show_default=True)
+@click.option("--throughput-batch", type=int, default=32, show_default=True)
+@click.option("--threads", type=int, default=None, help="ORT intra-op threads (default: ORT's).")
+@click.option("--memory/--no-memory", default=True, show_default=True, help="Peak memory probe.")
+def command(
+    fp32: Path,
+    quantized: tuple[Path, ...],
+    data: Path,
+    labels: Path | None,
+    provider: str,
+    json_path: Path | None,
+    plot_path: Path | None,
+    batch_size: int,
+    max_samples: int | None,
+    runs: int,
+    warmup: int,
+    throughput_batch: int,
+    threads: int | None,
+    memory: bool,
+) -> None:
+    """Measure FP32 and each QUANTIZED model on the same --data, on one execution provider."""
+    from tqdm import tqdm
+
+    from onnxq.evaluate import compare, format_table, plot, write_json
+    from onnxq.runtime import check_provider
+
+    check_provider(provider)  # fail before any work
+    models = (fp32, *quantized)
+    if json_path is not None:
+        check_output_path(json_path, *models, data)
+    if plot_path is not None:
+        check_output_path(plot_path, *models, data, *([json_path] if json_path else []))
+    with tqdm(desc="evaluating", unit="sample", file=sys.stderr, disable=None) as bar:
+        result = compare(
+            fp32,
+            quantized,
+            data,
+            labels=labels,
+            provider=provider,
+            batch_size=batch_size,
+            max_samples=max_samples,
+            latency_runs=runs,
+            warmup=warmup,
+            throughput_batch=throughput_batch,
+            intra_op_threads=threads,
+            measure_memory=memory,
+            on_batch=lambda n: bar.update(n - bar.n),
+        )
+    click.echo(format_table(result))
+    if json_path is not None:
+        write_json(result.to_dict(), json_path)
+        click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        plot(result, plot_path)
+        click.echo(f"wrote {plot_path}")

@@ -1,0 +1,950 @@
+"""Measure quantized models against their fp32 original on one execution provider.
+
+Accuracy (every quantized model against fp32, on the same feeds, outputs matched by name in the
+fp32 model's output order; float outputs only):
+
+* SQNR ``20*log10(||ref|| / ||ref - x||)`` in dB over all float outputs of all samples
+  concatenated (``inf`` when equal);
+* cosine similarity of the flattened first output, per sample (axis 0 is the batch), mean and min
+  (1 when both vectors are zero, 0 when only one is);
+* max abs error over all float outputs;
+* top-1 = argmax over the last axis of the first output: agreement with fp32's top-1, and
+  accuracy against ``labels`` when given.
+
+Speed and size (every model, fp32 included):
+
+* latency: batch-1 runs (the first sample of the data), p50/p90 in ms. Each model runs its block
+  after ``warmup`` untimed runs, in two rounds (the second in reverse model order) so drift
+  (clock, other load) hits all alike; never run by run alternately (see ``_block_times``);
+* throughput in samples/s at ``throughput_batch`` (the first samples of the data, repeated when
+  there are fewer), ``batch / median run time``;
+* file size in bytes (the ``.onnx`` file plus any external data files it references);
+* peak memory: a fresh Python process imports onnxruntime and loads the inputs, records its
+  resident set, creates the session and runs the latency and throughput feeds twice each; the
+  result is its peak resident set in that window minus the baseline (``_memory_probe``). Host
+  memory only (no GPU memory), and ``None`` where ``resource`` is missing (Windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxq.calibration.readers import FeedSource, open_feeds
+from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError
+from onnxq.isa import cpu_features
+from onnxq.model_io import InputSpec, input_specs, load_model
+from onnxq.runtime import (
+    ORT_ERRORS,
+    Provider,
+    check_provider,
+    environment,
+    first_line,
+    make_session,
+)
+
+PathLike = str | os.PathLike[str]
+Feed = dict[str, np.ndarray]
+
+CUDA_NOTE = (
+    "the CUDA execution provider has no int8 QLinearConv/QLinearMatMul kernels: a QDQ model "
+    "runs there as fake-quant float (an accuracy check), usually slower than fp32"
+)
+U8S8_NOTE = (
+    "this x86 CPU has no VNNI: ORT's u8s8 int8 kernels can saturate 16-bit intermediates "
+    "unless weights are 7-bit (reduce_range); the accuracy here is what this CPU gives"
+)
+
+
+# --- results -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccuracyMetrics:
+    """One model's outputs against fp32 (``None`` where not applicable, e.g. the fp32 row)."""
+
+    samples: int
+    top1: float | None = None
+    agreement: float | None = None
+    sqnr_db: float | None = None
+    cosine_mean: float | None = None
+    cosine_min: float | None = None
+    max_abs_error: float | None = None
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """Run times of one feed: ``batch`` samples per run, ``runs`` timed runs."""
+
+    batch: int
+    runs: int
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+
+    @classmethod
+    def from_seconds(cls, times: Sequence[float], batch: int) -> LatencyStats:
+        ms = np.asarray(times, dtype=np.float64) * 1e3
+        return cls(
+            batch=batch,
+            runs=len(ms),
+            p50_ms=float(np.percentile(ms, 50)),
+            p90_ms=float(np.percentile(ms, 90)),
+            mean_ms=float(ms.mean()),
+        )
+
+
+@dataclass(frozen=True)
+class ModelMeasurement:
+    """One row: a model's size, speed, memory and accuracy."""
+
+    name: str
+    path: str
+    reference: bool
+    size_bytes: int
+    latency: LatencyStats
+    throughput: float
+    throughput_batch: int
+    peak_memory_bytes: int | None
+    accuracy: AccuracyMetrics
+
+
+@dataclass(frozen=True)
+class ComparisonResult:
+    """The fp32 row, one row per quantized model, where it ran, how, and caveats."""
+
+    fp32: ModelMeasurement
+    quantized: tuple[ModelMeasurement, ...]
+    environment: dict[str, Any]
+    settings: dict[str, Any]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def rows(self) -> tuple[ModelMeasurement, ...]:
+        return (self.fp32, *self.quantized)
+
+    def ratios(self, row: ModelMeasurement) -> dict[str, float | None]:
+        """``row`` relative to fp32: size, p50, p90 and throughput (``x / fp32``)."""
+        ref = self.fp32
+        return {
+            "size": _ratio(row.size_bytes, ref.size_bytes),
+            "p50": _ratio(row.latency.p50_ms, ref.latency.p50_ms),
+            "p90": _ratio(row.latency.p90_ms, ref.latency.p90_ms),
+            "throughput": _ratio(row.throughput, ref.throughput),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: an infinite SQNR is the string ``"inf"`` (JSON has no infinity)."""
+
+        def row(m: ModelMeasurement) -> dict[str, Any]:
+            return {**asdict(m), "ratios": self.ratios(m)}
+
+        return _json_safe(
+            {
+                "fp32": row(self.fp32),
+                "quantized": [row(m) for m in self.quantized],
+                "environment": self.environment,
+                "settings": self.settings,
+                "notes": list(self.notes),
+            }
+        )
+
+
+# --- pure metrics ------------------------------------------------------------------------------
+
+
+def sqnr_db(
+    reference: np.ndarray | Sequence[np.ndarray], actual: np.ndarray | Sequence[np.ndarray]
+) -> float:
+    """``20*log10(||ref|| / ||ref - x||)`` over all arrays concatenated; ``inf`` when equal."""
+    signal, noise = _energies(reference, actual)
+    return _sqnr_from_energies(signal, noise)
+
+
+def cosine_per_sample(reference: np.ndarray, actual: np.ndarray) -> np.ndarray:
+    """Cosine of each sample (axis 0) flattened: 1 when both are zero, 0 when only one is."""
+    ref = np.asarray(reference, dtype=np.float64).reshape(len(reference), -1)
+    out = np.asarray(actual, dtype=np.float64).reshape(len(actual), -1)
+    dot = np.einsum("ij,ij->i", ref, out)
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
+    both_zero = ~ref.any(axis=1) & ~out.any(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
+    return np.where(both_zero, 1.0, np.clip(cos, -1.0, 1.0))
+
+
+def top1(output: np.ndarray) -> np.ndarray:
+    """Argmax over the last axis."""
+    return np.argmax(np.asarray(output), axis=-1)
+
+
+def load_labels(labels: PathLike | np.ndarray | Sequence[int]) -> np.ndarray:
+    """Labels from an array, an ``.npy`` file, or an ``.npz`` with one array (or ``labels``)."""
+    if isinstance(labels, (str, os.PathLike)):
+        path = Path(labels)
+        if not path.is_file():
+            raise CalibrationDataError(f"{path}: labels file does not exist")
+        try:
+            if path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as data:
+                    keys = list(data.files)
+                    key = next((k for k in ("labels", "label", "y") if k in keys), None)
+                    if key is None and len(keys) == 1:
+                        key = keys[0]
+                    if key is None:
+                        raise CalibrationDataError(
+                            f"{path}: .npz holds {', '.join(keys) or 'nothing'}; expected one "
+                            "array or one named 'labels'"
+                        )
+                    array = data[key]
+            elif path.suffix == ".npy":
+                array = np.load(path, allow_pickle=False)
+            else:
+                raise CalibrationDataError(f"{path}: labels must be an .npy or .npz file")
+        except (OSError, ValueError, EOFError) as exc:
+            raise CalibrationDataError(f"{path}: cannot read labels: {first_line(exc)}") from None
+    else:
+        array = np.asarray(labels)
+    if array.ndim == 0 or array.size == 0:
+        raise CalibrationDataError(f"labels must be a non-empty array, got shape {array.shape}")
+    if array.dtype.kind == "f" and array.ndim == 1:
+        if not np.all(np.isfinite(array)) or not np.all(array == np.round(array)):
+            raise CalibrationDataError("labels are floats that are not whole class indices")
+        array = array.astype(np.int64)
+    elif array.dtype.kind not in "iuf":
+        raise CalibrationDataError(f"labels must be integers, got dtype {array.dtype}")
+    return array
+
+
+# --- streaming accumulation --------------------------------------------------------------------
+
+
+class _Accuracy:
+    """Running sums for one quantized model against fp32."""
+
+    def __init__(self) -> None:
+        self.signal = 0.0
+        self.noise = 0.0
+        self.max_abs = 0.0
+        self.cosines: list[np.ndarray] = []
+        self.agree = 0
+        self.predictions = 0
+        self.correct = 0
+        self.labelled = 0
+
+    def update(
+        self,
+        ref: Sequence[np.ndarray],
+        out: Sequence[np.ndarray],
+        ref_pred: np.ndarray | None,
+        pred: np.ndarray | None,
+        labels: np.ndarray | None,
+    ) -> None:
+        signal, noise = _energies(ref, out)
+        self.signal += signal
+        self.noise += noise
+        for r, x in zip(ref, out, strict=True):
+            if r.size:
+                diff = np.abs(r.astype(np.float64) - x.astype(np.float64))
+                self.max_abs = max(self.max_abs, float(diff.max()))
+        if ref:
+            self.cosines.append(cosine_per_sample(_per_sample(ref[0]), _per_sample(out[0])))
+        if pred is not None and ref_pred is not None:
+            self.agree += int((pred == ref_pred).sum())
+            self.predictions += int(pred.size)
+        if pred is not None and labels is not None:
+            self.correct += int((pred == labels).sum())
+            self.labelled += int(labels.size)
+
+    def result(self, samples: int) -> AccuracyMetrics:
+        cos = np.concatenate(self.cosines) if self.cosines else None
+        return AccuracyMetrics(
+            samples=samples,
+            top1=self.correct / self.labelled if self.labelled else None,
+            agreement=self.agree / self.predictions if self.predictions else None,
+            sqnr_db=_sqnr_from_energies(self.signal, self.noise) if self.cosines else None,
+            cosine_mean=float(cos.mean()) if cos is not None and cos.size else None,
+            cosine_min=float(cos.min()) if cos is not None and cos.size else None,
+            max_abs_error=self.max_abs if self.cosines else None,
+        )
+
+
+# --- compare -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Model:
+    name: str
+    path: Path
+    size: int
+    outputs: list[str]
+    float_outputs: list[str]
+    session: Any = None
+
+
+def compare(
+    fp32_path: PathLike,
+    quantized_paths: Sequence[PathLike],
+    data: FeedSource,
+    *,
+    labels: PathLike | np.ndarray | None = None,
+    provider: Provider | str = Provider.CPU,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+    latency_runs: int = 100,
+    warmup: int = 10,
+    throughput_batch: int = 32,
+    throughput_runs: int | None = None,
+    intra_op_threads: int | None = None,
+    measure_memory: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> ComparisonResult:
+    """Measure fp32 and each quantized model on ``provider`` (see the module docstring).
+
+    ``data`` is any source ``open_feeds`` accepts, read once. ``throughput_runs`` defaults to
+    ``max(3, latency_runs // 10)``. ``on_batch(samples)`` follows the accuracy pass.
+    """
+    chosen = check_provider(provider)
+    for label, value, least in (
+        ("batch_size", batch_size, 1),
+        ("latency_runs", latency_runs, 1),
+        ("warmup", warmup, 0),
+        ("throughput_batch", throughput_batch, 1),
+        ("throughput_runs", throughput_runs, 1),
+        ("max_samples", max_samples, 1),
+    ):
+        if value is not None and value < least:
+            raise ConfigError(f"{label} must be >= {least}, got {value}")
+    throughput_runs = throughput_runs or max(3, latency_runs // 10)
+    label_array = load_labels(labels) if labels is not None else None
+
+    fp32_proto = load_model(fp32_path)
+    specs = input_specs(fp32_proto)
+    models = [_describe(fp32_path, fp32_proto)]
+    del fp32_proto
+    for path in quantized_paths:
+        proto = load_model(path)
+        _check_same_interface(models[0], specs, path, proto)
+        models.append(_describe(path, proto))
+    _unique_names(models)
+    for model in models:
+        model.session = make_session(model.path, chosen, intra_op_threads=intra_op_threads)
+
+    feeds = open_feeds(data, specs, batch_size=batch_size, max_samples=max_samples)
+    samples, accuracies, first_feeds = _accuracy_pass(
+        models, feeds, specs, label_array, throughput_batch, on_batch
+    )
+    if label_array is not None and max_samples is None and len(label_array) != samples:
+        raise CalibrationDataError(
+            f"{len(label_array)} labels for {samples} evaluation samples; give one label per "
+            "sample (or --max-samples to evaluate fewer)"
+        )
+
+    one, one_batch = _latency_feed(first_feeds, specs)
+    many, many_batch = _throughput_feed(first_feeds, specs, throughput_batch)
+    notes: list[str] = []
+    if chosen is Provider.CUDA:
+        notes.append(CUDA_NOTE)
+    elif cpu_features().u8s8_saturates:
+        notes.append(U8S8_NOTE)
+    peaks: list[int | None] = [None] * len(models)
+    if measure_memory:
+        peaks = _peak_memories(models, [one, many], chosen, intra_op_threads, notes)
+    sessions = [m.session for m in models]
+    latency = _block_times(sessions, one, latency_runs, warmup)
+    throughput = _block_times(sessions, many, throughput_runs, min(warmup, 2) or 1)
+
+    rows = [
+        ModelMeasurement(
+            name=model.name,
+            path=str(model.path),
+            reference=i == 0,
+            size_bytes=model.size,
+            latency=LatencyStats.from_seconds(latency[i], one_batch),
+            throughput=many_batch / float(np.median(throughput[i])),
+            throughput_batch=many_batch,
+            peak_memory_bytes=peaks[i],
+            accuracy=accuracies[i],
+        )
+        for i, model in enumerate(models)
+    ]
+    settings = {
+        "data": _describe_source(data),
+        "labels": _describe_source(labels) if labels is not None else None,
+        "samples": samples,
+        "batch_size": batch_size,
+        "max_samples": max_samples,
+        "latency_runs": latency_runs,
+        "warmup": warmup,
+        "latency_batch": one_batch,
+        "throughput_batch": many_batch,
+        "throughput_runs": throughput_runs,
+        "optimization_level": "all",
+        "timing": "per model: warm-up then a block of timed runs (time.perf_counter around "
+        "session.run); two rounds, the second in reverse model order",
+        "memory": "peak RSS growth of a fresh process over session creation + runs"
+        if measure_memory
+        else "not measured",
+    }
+    return ComparisonResult(
+        fp32=rows[0],
+        quantized=tuple(rows[1:]),
+        environment=environment(chosen, intra_op_threads=intra_op_threads),
+        settings=settings,
+        notes=tuple(notes),
+    )
+
+
+def model_size(path: PathLike) -> int:
+    """Bytes of the ``.onnx`` file plus the external data files its initializers reference."""
+    path = Path(path)
+    total = path.stat().st_size
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    locations = set()
+    for init in _all_initializers(proto.graph):
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    for location in locations:
+        data = path.parent / location
+        if data.is_file():
+            total += data.stat().st_size
+    return total
+
+
+def time_runs(session: Any, feed: Feed, runs: int, warmup: int) -> list[float]:
+    """Seconds of ``runs`` runs of ``feed`` after ``warmup`` untimed runs."""
+    return _block_times([session], feed, runs, warmup)[0]
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+
+def _accuracy_pass(
+    models: Sequence[_Model],
+    feeds: Iterable[Feed],
+    specs: Sequence[InputSpec],
+    labels: np.ndarray | None,
+    keep: int,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[int, list[AccuracyMetrics], list[Feed]]:
+    """One pass over the data: (samples, accuracy per model with fp32 first, first feeds).
+
+    The first feeds (at least ``keep`` samples, where the data has them) are kept for timing.
+    """
+    ref_model = models[0]
+    accs = [_Accuracy() for _ in models]
+    first_feeds: list[Feed] = []
+    samples = 0
+    for index, feed in enumerate(feeds):
+        n = _samples_in(feed, specs)
+        if samples < keep:
+            first_feeds.append(feed)
+        outputs = [_run(m, feed, index) for m in models]
+        ref = [outputs[0][k] for k in ref_model.float_outputs]
+        ref_pred = _predictions(outputs[0], ref_model)
+        chunk = None if labels is None else _label_chunk(labels, samples, n, ref_pred)
+        for acc, out in zip(accs, outputs, strict=True):
+            acc.update(
+                ref,
+                [out[k] for k in ref_model.float_outputs],
+                ref_pred,
+                _predictions(out, ref_model),
+                chunk,
+            )
+        samples += n
+        if on_batch is not None:
+            on_batch(samples)
+    fp32 = accs[0].result(samples)
+    reference = AccuracyMetrics(samples=samples, top1=fp32.top1)  # fp32 against itself: n/a
+    return samples, [reference, *(acc.result(samples) for acc in accs[1:])], first_feeds
+
+
+def _describe(path: PathLike, proto: onnx.ModelProto) -> _Model:
+    float_types = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.DOUBLE,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+    }
+    outputs = [o.name for o in proto.graph.output]
+    floats = [o.name for o in proto.graph.output if o.type.tensor_type.elem_type in float_types]
+    return _Model(Path(path).stem, Path(path), model_size(path), outputs, floats)
+
+
+def _check_same_interface(
+    ref: _Model, specs: list[InputSpec], path: PathLike, proto: onnx.ModelProto
+) -> None:
+    """A quantized model must take the fp32 inputs and give the fp32 outputs (by name)."""
+    names = {s.name for s in input_specs(proto)}
+    want = {s.name for s in specs}
+    if names != want:
+        raise InvalidModelError(
+            f"{path}: inputs {sorted(names)} differ from the fp32 model's {sorted(want)}"
+        )
+    outputs = {o.name for o in proto.graph.output}
+    missing = [o for o in ref.outputs if o not in outputs]
+    if missing:
+        raise InvalidModelError(
+            f"{path}: lacks output{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} of the fp32 model"
+        )
+
+
+def _unique_names(models: list[_Model]) -> None:
+    seen: dict[str, int] = {}
+    for model in models:
+        count = seen.get(model.name, 0)
+        seen[model.name] = count + 1
+        if count:
+            model.name = f"{model.name}#{count + 1}"
+
+
+def _run(model: _Model, feed: Feed, index: int) -> dict[str, np.ndarray]:
+    try:
+        values = model.session.run(None, feed)
+    except ORT_ERRORS as exc:
+        raise InvalidModelError(
+            f"{model.path}: onnxruntime failed on evaluation batch {index}: {first_line(exc)}"
+        ) from None
+    names = [o.name for o in model.session.get_outputs()]
+    return dict(zip(names, values, strict=True))
+
+
+def _predictions(outputs: dict[str, np.ndarray], ref: _Model) -> np.ndarray | None:
+    """Top-1 of the fp32 model's first output (``None`` for a scalar output)."""
+    first = np.asarray(outputs[ref.outputs[0]])
+    return top1(first) if first.ndim else None
+
+
+def _label_chunk(
+    labels: np.ndarray, start: int, n: int, predictions: np.ndarray | None
+) -> np.ndarray:
+    chunk = labels[start : start + n]
+    if len(chunk) < n:
+        raise CalibrationDataError(
+            f"only {len(labels)} labels, but the evaluation data has more samples; give one "
+            "label per sample"
+        )
+    if predictions is None:
+        raise CalibrationDataError("labels given, but the model's first output is a scalar")
+    if chunk.shape != predictions.shape and chunk.ndim == predictions.ndim + 1:
+        chunk = np.argmax(chunk, axis=-1)  # one-hot or scores
+    if chunk.shape != predictions.shape:
+        raise CalibrationDataError(
+            f"labels of shape {chunk.shape[1:]} per batch do not match predictions of shape "
+            f"{predictions.shape[1:]} (argmax over the last axis of the first output)"
+        )
+    return chunk
+
+
+def _per_sample(array: np.ndarray) -> np.ndarray:
+    """Axis 0 as samples; a scalar output is one sample."""
+    array = np.asarray(array)
+    return array.reshape(1, -1) if array.ndim == 0 else array
+
+
+def _energies(
+    reference: np.ndarray | Sequence[np.ndarray], actual: np.ndarray | Sequence[np.ndarray]
+) -> tuple[float, float]:
+    refs = [reference] if isinstance(reference, np.ndarray) else list(reference)
+    outs = [actual] if isinstance(actual, np.ndarray) else list(actual)
+    if len(refs) != len(outs):
+        raise ValueError(f"{len(refs)} reference arrays but {len(outs)} actual arrays")
+    signal = noise = 0.0
+    for r, x in zip(refs, outs, strict=True):
+        r64 = np.asarray(r, dtype=np.float64)
+        x64 = np.asarray(x, dtype=np.float64)
+        if r64.shape != x64.shape:
+            raise ValueError(f"shape {x64.shape} differs from reference shape {r64.shape}")
+        signal += float(np.square(r64).sum())
+        noise += float(np.square(r64 - x64).sum())
+    return signal, noise
+
+
+def _sqnr_from_energies(signal: float, noise: float) -> float:
+    if noise == 0.0:
+        return math.inf
+    if signal == 0.0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
+def _batch_axis(spec: InputSpec) -> int | None:
+    """Axis to slice/concatenate samples on; ``None`` when it cannot change (fixed or scalar)."""
+    if spec.shape == ():
+        return None
+    return spec.batch_axis
+
+
+def _samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
+    for spec in specs:
+        axis = spec.batch_axis if spec.batch_axis is not None else (0 if spec.shape else None)
+        arr = feed[spec.name]
+        if axis is not None and arr.ndim > axis:
+            return int(arr.shape[axis])
+    return 1
+
+
+def _fixed_batch(specs: Sequence[InputSpec]) -> bool:
+    return any(s.batch_axis is None and s.shape for s in specs)
+
+
+def _latency_feed(feeds: list[Feed], specs: Sequence[InputSpec]) -> tuple[Feed, int]:
+    """The first sample (or the first batch, where the model's batch size is fixed)."""
+    return _throughput_feed(feeds, specs, 1)
+
+
+def _throughput_feed(feeds: list[Feed], specs: Sequence[InputSpec], batch: int) -> tuple[Feed, int]:
+    """The first ``batch`` samples, repeated when the data has fewer."""
+    if _fixed_batch(specs):
+        return feeds[0], _samples_in(feeds[0], specs)
+    out: Feed = {}
+    for spec in specs:
+        axis = _batch_axis(spec)
+        if axis is None:
+            out[spec.name] = feeds[0][spec.name]
+            continue
+        joined = np.concatenate([f[spec.name] for f in feeds], axis=axis)
+        index = np.arange(batch) % joined.shape[axis]
+        out[spec.name] = np.ascontiguousarray(np.take(joined, index, axis=axis))
+    return out, batch
+
+
+def _block_times(sessions: Sequence[Any], feed: Feed, runs: int, warmup: int) -> list[list[float]]:
+    """Per session, seconds per run, measured in blocks: never two sessions back to back.
+
+    ORT's intra-op threads spin for a while after each run, so alternating sessions run by run
+    makes them fight for cores (3x slower on a 2-core host). Instead each session runs its block
+    after ``warmup`` untimed runs; the runs are split into two rounds, the second in reverse
+    order, so slow drift (clocks, other load) hits every model alike.
+    """
+    times: list[list[float]] = [[] for _ in sessions]
+    first = (runs + 1) // 2
+    order = list(range(len(sessions)))
+    for count, indices in ((first, order), (runs - first, order[::-1])):
+        if count == 0:
+            continue
+        for i in indices:
+            session = sessions[i]
+            for _ in range(warmup):
+                session.run(None, feed)
+            for _ in range(count):
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[i].append(time.perf_counter() - start)
+    return times
+
+
+def _peak_memories(
+    models: Sequence[_Model],
+    feeds: Sequence[Feed],
+    provider: Provider,
+    threads: int | None,
+    notes: list[str],
+) -> list[int | None]:
+    """Peak RSS growth per model, each measured in a fresh subprocess (module docstring)."""
+    try:
+        import resource  # noqa: F401  (Unix only)
+    except ImportError:
+        notes.append("peak memory not measured: no resource module on this platform")
+        return [None] * len(models)
+    peaks: list[int | None] = []
+    with tempfile.TemporaryDirectory(prefix="onnxq-mem-") as tmp:
+        paths = []
+        for i, feed in enumerate(feeds):
+            paths.append(Path(tmp) / f"feed{i}.npz")
+            np.savez(paths[-1], **feed)
+        root = Path(__file__).resolve().parents[1]
+        path_var = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path_var)}
+        code = "import sys; from onnxq.evaluate import _memory_probe; _memory_probe(sys.argv[1:])"
+        for model in models:
+            args = [str(model.path), provider.value, str(threads or 0), *map(str, paths)]
+            peak, why = None, ""
+            try:
+                done = subprocess.run(
+                    [sys.executable, "-c", code, *args],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                    env=env,
+                    check=False,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                why = first_line(exc)
+            else:
+                lines = done.stdout.strip().splitlines()
+                try:
+                    report = json.loads(lines[-1])
+                    peak = max(0, int(report["peak"]) - int(report["baseline"]))
+                except (ValueError, IndexError, KeyError, TypeError):
+                    errors = done.stderr.strip().splitlines()
+                    why = errors[-1] if errors else f"exit code {done.returncode}"
+            if peak is None:
+                notes.append(f"peak memory of {model.name} not measured: {why}")
+            peaks.append(peak)
+    return peaks
+
+
+def _memory_probe(argv: Sequence[str]) -> None:
+    """Subprocess body: baseline RSS, then session + runs, then print peak and baseline (bytes).
+
+    Linux: the baseline is ``VmRSS``; the peak high-water mark is reset to it (``5`` written to
+    ``/proc/self/clear_refs``) and read back as ``VmHWM`` after the runs. ``ru_maxrss`` is not
+    used there: a child inherits its parent's high-water mark across fork + exec. Elsewhere:
+    ``ru_maxrss`` (bytes on macOS, KiB on other Unixes) before and after.
+    """
+    model, provider, threads, *feed_paths = argv
+    feeds = []
+    for path in feed_paths:
+        with np.load(path, allow_pickle=False) as data:
+            feeds.append({k: data[k] for k in data.files})
+    gc.collect()
+    linux = _proc_status("VmRSS") is not None
+    if linux:
+        baseline = _proc_status("VmRSS")
+        # Reset the high-water mark; if refused, VmHWM also covers the imports (an over-estimate).
+        with contextlib.suppress(OSError):
+            Path("/proc/self/clear_refs").write_text("5")
+    else:
+        baseline = _maxrss()
+    session = make_session(model, provider, intra_op_threads=int(threads) or None)
+    for feed in feeds:
+        session.run(None, feed)
+        session.run(None, feed)
+    peak = _proc_status("VmHWM") if linux else _maxrss()
+    sys.stdout.write(json.dumps({"baseline": baseline, "peak": peak}) + "\n")
+
+
+def _proc_status(field_name: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` in bytes (Linux); ``None`` elsewhere."""
+    try:
+        text = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def _maxrss() -> int:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                found += _all_initializers(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    found += _all_initializers(sub)
+    return found
+
+
+def _describe_source(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, np.ndarray):
+        return f"array {source.shape}"
+    return type(source).__name__
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference else None
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return _json_safe(value.item())
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(data: dict[str, Any], path: PathLike) -> Path:
+    """Write ``data`` as indented JSON atomically (temp file in the same folder + rename)."""
+    out = Path(path)
+    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
+    _atomic_write(out, text.encode())
+    return out
+
+
+def _atomic_write(out: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# --- reports -----------------------------------------------------------------------------------
+
+
+def format_table(result: ComparisonResult) -> str:
+    """A fixed-width table, one row per model; ratios are ``model / fp32``."""
+    env = result.environment
+    feats = env.get("cpu_features", {})
+    isa = ", ".join(
+        f"{'' if feats.get(key) else 'no '}{label}"
+        for key, label in (("avx2", "AVX2"), ("avx512", "AVX-512"), ("vnni", "VNNI"))
+    )
+    device = ""
+    if env.get("provider") == "cuda":
+        device = env.get("gpu") or "GPU name unknown"
+    settings = result.settings
+    lines = [
+        f"onnxruntime {env.get('onnxruntime')} on {env.get('ort_provider')}"
+        + (f" ({device})" if device else "")
+        + f" | CPU: {env.get('cpu_model')} ({isa}) | threads: {env.get('intra_op_threads')}",
+        f"accuracy on {settings['samples']} samples | latency: batch {settings['latency_batch']}, "
+        f"{settings['latency_runs']} runs after {settings['warmup']} warm-up | throughput: batch "
+        f"{settings['throughput_batch']}, {settings['throughput_runs']} runs",
+        "",
+    ]
+    header = (
+        "model", "size", "p50 ms", "p90 ms", "samples/s", "peak MB",
+        "top-1", "agree", "SQNR dB", "cos mean/min",
+    )  # fmt: skip
+    body = []
+    for row in result.rows:
+        ratio = result.ratios(row)
+        acc = row.accuracy
+        ref = "ref" if row.reference else "-"
+        body.append(
+            (
+                row.name,
+                f"{_size(row.size_bytes)} {_x(ratio['size'])}",
+                f"{_num(row.latency.p50_ms)} {_x(ratio['p50'])}",
+                f"{_num(row.latency.p90_ms)} {_x(ratio['p90'])}",
+                f"{_num(row.throughput)} {_x(ratio['throughput'])}",
+                "-" if row.peak_memory_bytes is None else f"{row.peak_memory_bytes / 1e6:.1f}",
+                "-" if acc.top1 is None else f"{100 * acc.top1:.2f}%",
+                ref if acc.agreement is None else f"{100 * acc.agreement:.2f}%",
+                ref if acc.sqnr_db is None else _db(acc.sqnr_db),
+                ref if acc.cosine_mean is None else f"{acc.cosine_mean:.4f}/{acc.cosine_min:.4f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in (header, *body)) for i in range(len(header))]
+    for cells in (header, *body):
+        left = cells[0].ljust(widths[0])
+        lines.append(
+            "  ".join([left, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+        )
+    lines.insert(len(lines) - len(body), "  ".join("-" * w for w in widths))
+    lines += [f"note: {note}" for note in result.notes]
+    return "\n".join(lines)
+
+
+def plot(result: ComparisonResult, path: PathLike) -> Path:
+    """Three panels (p50 latency / fp32, size / fp32, accuracy) as a PNG, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = list(result.quantized)
+    names = [r.name for r in rows]
+    ratios = [result.ratios(r) for r in rows]
+    fig = Figure(figsize=(max(9.0, 3.0 + 1.8 * len(rows)), 3.6), layout="constrained")
+    axes = fig.subplots(1, 3, width_ratios=[1, 1, 1.2])
+    for ax, key, title in (
+        (axes[0], "p50", "p50 latency vs fp32 (lower is faster)"),
+        (axes[1], "size", "file size vs fp32"),
+    ):
+        values = [r[key] or 0.0 for r in ratios]
+        bars = ax.bar(names, values, color=[_ratio_colour(v) for v in values])
+        ax.axhline(1.0, color="k", linestyle="--", linewidth=1, label="fp32 = 1")
+        ax.legend(loc="upper right", fontsize=7, frameon=False)
+        ax.bar_label(bars, labels=[f"{v:.2f}x" for v in values], fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.set_ylim(0, max([1.2, *(v * 1.2 for v in values)]))
+    ax = axes[2]
+    labelled = result.fp32.accuracy.top1 is not None
+    if labelled:
+        values = [100 * (r.accuracy.top1 or 0.0) for r in (result.fp32, *rows)]
+        bar_names = [result.fp32.name, *names]
+        title = "top-1 accuracy % vs labels"
+    else:
+        values = [100 * (r.accuracy.agreement or 0.0) for r in rows]
+        bar_names = names
+        title = "top-1 agreement with fp32 %"
+    sqnr = ["reference"] if labelled else []
+    sqnr += [
+        "SQNR -" if r.accuracy.sqnr_db is None else f"SQNR {_db(r.accuracy.sqnr_db)} dB"
+        for r in rows
+    ]
+    bars = ax.bar(bar_names, values, color=["#888"] * labelled + ["#37a"] * len(rows))
+    ax.bar_label(
+        bars, labels=[f"{v:.1f}%\n{s}" for v, s in zip(values, sqnr, strict=True)], fontsize=8
+    )
+    ax.set_ylim(0, 118)
+    ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+    env = result.environment
+    fig.suptitle(
+        f"{env.get('ort_provider')}, onnxruntime {env.get('onnxruntime')}, {env.get('cpu_model')}",
+        fontsize=9,
+    )
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    out = Path(path)
+    _atomic_write(out, buffer.getvalue())
+    return out
+
+
+def _ratio_colour(ratio: float) -> str:
+    """Green below fp32, red above, grey within 2%."""
+    return "#2a7" if ratio < 0.98 else ("#c44" if ratio > 1.02 else "#999")
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def _num(value: float) -> str:
+    """Three significant digits, no exponent for everyday magnitudes."""
+    if value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.3g}" if value >= 0.001 else f"{value:.2e}"
+
+
+def _x(ratio: float | None) -> str:
+    return "(-)" if ratio is None else f"({ratio:.2f}x)"
+
+
+def _db(value: float) -> str:
+    return "inf" if value == math.inf else ("-inf" if value == -math.inf else f"{value:.2f}")
