@@ -1,89 +1,71 @@
-"""ResNet-style ``[N, 3, 224, 224]`` inputs from real images that ship offline (sklearn digits).
+"""ResNet-style ``[N, 3, 224, 224]`` inputs cut from real photographs that ship offline.
 
-Each 8x8 digit is upsampled bilinearly (half-pixel centres, edge clamp: like
-``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``), replicated to three
-channels and normalised with fixed constants to roughly zero mean and unit variance.
+scikit-learn bundles two photographs (``load_sample_images``: a temple in China and a flower,
+427x640 RGB each). Crops of 224x224 at seeded positions, half of them mirrored, normalised with
+the ImageNet mean and standard deviation, give natural-image statistics without a download.
 
-The 1797 images are put in a fixed order by ``seed``. The last ``WARMUP_SIZE`` of that order are
-reserved for BatchNorm warm-up (``warmup_inputs``); ``resnet_inputs(n, offset=k)`` draws positions
-``k .. k+n-1`` of the rest, so calibration and evaluation sets with disjoint ranges never share an
-image, and neither shares one with the warm-up set.
+Splits are disjoint in pixels: ``"eval"`` crops come from the right ``EVAL_WIDTH`` columns of
+each photo, ``"warmup"`` (BatchNorm warm-up, standing in for training data) and ``"calib"``
+crops from the columns left of them. A split's crops alternate between the two photos.
 """
 
 from __future__ import annotations
 
+from functools import cache
+
 import numpy as np
 
-from calibration.digits import NUM_IMAGES, load_digits_images
-
 SIZE = 224
-WARMUP_SIZE = 32
-AVAILABLE = NUM_IMAGES - WARMUP_SIZE
-# Mean and standard deviation of the bilinearly upsampled digits in [0, 1] (measured once).
-PIXEL_MEAN = 0.3053
-PIXEL_STD = 0.3252
+EVAL_WIDTH = 256
+SPLITS = ("warmup", "calib", "eval")
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+_SPLIT_SEEDS = {"warmup": 101, "calib": 202, "eval": 303}
 
 
-def resnet_indices(n: int, seed: int = 0, offset: int = 0) -> np.ndarray:
-    """Indices into ``load_digits_images()`` of ``resnet_inputs(n, seed, offset)``."""
-    if n < 1 or offset < 0 or offset + n > AVAILABLE:
-        raise ValueError(f"need 1 <= n and 0 <= offset with offset + n <= {AVAILABLE}")
-    return _order(seed)[offset : offset + n]
+@cache
+def _photos() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(np.asarray(image) for image in load_sample_images().images)
 
 
-def warmup_indices(n: int = WARMUP_SIZE, seed: int = 0) -> np.ndarray:
-    """Indices of ``warmup_inputs(n, seed)``: the reserved tail of the seeded order."""
-    if not 1 <= n <= WARMUP_SIZE:
-        raise ValueError(f"n must be from 1 to {WARMUP_SIZE}")
-    return _order(seed)[AVAILABLE : AVAILABLE + n]
+def photo_crops(split: str, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` normalised crops of ``split``: ``float32 [n, 3, 224, 224]`` (deterministic)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    rng = np.random.default_rng([seed, _SPLIT_SEEDS[split]])
+    photos = _photos()
+    crops = np.empty((n, 3, SIZE, SIZE), dtype=np.float32)
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        height, width = photo.shape[:2]
+        left_min, left_max = (
+            (width - EVAL_WIDTH, width - SIZE)
+            if split == "eval"
+            else (0, width - EVAL_WIDTH - SIZE)
+        )
+        top = int(rng.integers(0, height - SIZE + 1))
+        left = int(rng.integers(left_min, left_max + 1))
+        crop = photo[top : top + SIZE, left : left + SIZE].astype(np.float32) / 255.0
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        crops[i] = ((crop - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+    return crops
 
 
-def resnet_inputs(n: int, seed: int = 0, offset: int = 0) -> np.ndarray:
-    """Images at positions ``offset .. offset+n-1`` of the seeded order: ``float32 [n,3,224,224]``.
-
-    About 0.6 MB an image: draw large sets in slices.
-    """
-    return _to_resnet(resnet_indices(n, seed, offset))
+def resnet_inputs(n: int, seed: int = 0) -> np.ndarray:
+    """Calibration images for the ResNet-style zoo model."""
+    return photo_crops("calib", n, seed)
 
 
-def resnet_labels(n: int, seed: int = 0, offset: int = 0) -> np.ndarray:
-    """Digit labels matching ``resnet_inputs(n, seed, offset)``."""
-    _, labels = load_digits_images()
-    return labels[resnet_indices(n, seed, offset)]
+def eval_inputs(n: int, seed: int = 0) -> np.ndarray:
+    """Evaluation images, disjoint in pixels from calibration and warm-up images."""
+    return photo_crops("eval", n, seed)
 
 
-def warmup_inputs(n: int = WARMUP_SIZE, seed: int = 0) -> np.ndarray:
-    """Up to ``WARMUP_SIZE`` images reserved for BatchNorm warm-up (never in ``resnet_inputs``)."""
-    return _to_resnet(warmup_indices(n, seed))
-
-
-def upsample_bilinear(images: np.ndarray, size: int = SIZE) -> np.ndarray:
-    """Bilinear resize of ``[..., h, w]`` to ``[..., size, size]`` as two small matrix products."""
-    height, width = images.shape[-2:]
-    rows = _interp_matrix(height, size)
-    cols = _interp_matrix(width, size)
-    return (rows @ images @ cols.T).astype(np.float32)
-
-
-def _order(seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(NUM_IMAGES)
-
-
-def _to_resnet(index: np.ndarray) -> np.ndarray:
-    images, _ = load_digits_images()
-    big = upsample_bilinear(images[index, 0])
-    big = (big - PIXEL_MEAN) / PIXEL_STD
-    return np.ascontiguousarray(np.repeat(big[:, None], 3, axis=1), dtype=np.float32)
-
-
-def _interp_matrix(src: int, dst: int) -> np.ndarray:
-    """``[dst, src]`` weights of half-pixel bilinear interpolation with edge clamping."""
-    centres = (np.arange(dst) + 0.5) * (src / dst) - 0.5
-    centres = np.clip(centres, 0, src - 1)
-    low = np.floor(centres).astype(int)
-    high = np.minimum(low + 1, src - 1)
-    frac = centres - low
-    matrix = np.zeros((dst, src), dtype=np.float32)
-    matrix[np.arange(dst), low] += 1 - frac
-    matrix[np.arange(dst), high] += frac
-    return matrix
+def warmup_inputs(n: int = 32, seed: int = 0) -> np.ndarray:
+    """Images for BatchNorm warm-up of randomly initialised ResNets."""
+    return photo_crops("warmup", n, seed)

@@ -108,8 +108,8 @@ def warm_up_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor | np.ndar
 def resnet18_factory() -> tuple[ResNet, torch.Tensor]:
     """For ``onnxq export models.resnet:resnet18_factory``: warmed-up ResNet-18, example batch.
 
-    BatchNorm is warmed up on ``calibration.images.warmup_inputs()`` (reserved images, disjoint
-    from ``resnet_inputs``); the example input is ``resnet_inputs(1)``.
+    BatchNorm is warmed up on ``calibration.images.warmup_inputs()`` (photo crops standing in for
+    training data); the example input is ``resnet_inputs(1)``.
     """
     from calibration.images import resnet_inputs, warmup_inputs
 

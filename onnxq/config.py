@@ -34,6 +34,15 @@ class CalibrationMethod(str, enum.Enum):
 
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    MSE = "mse"
+
+
+class WeightRounding(str, enum.Enum):
+    """How weights are rounded to integers: to the nearest level, or GPTQ's error-compensating
+    rounding that keeps ``W x`` close on the calibration inputs."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
 
 
 class QuantMode(str, enum.Enum):
@@ -55,6 +64,7 @@ class QuantConfig:
         activation_type: ``uint8`` (asymmetric) or ``int8``.
         activation_symmetric: force zero point 0 for activations (int8 only).
         weight_type: ``int8`` (symmetric, zero point 0) or ``uint8`` (asymmetric).
+        weight_rounding: ``gptq`` (error-compensating, uses calibration inputs) or ``nearest``.
         reduce_range: 7-bit weights, avoiding u8s8 saturation on x86 without VNNI.
             ``None`` decides from the CPU (see ``onnxq.isa``).
         op_types: op types that may be quantized; empty means the default set of
@@ -74,6 +84,7 @@ class QuantConfig:
     activation_type: QuantType = QuantType.UINT8
     activation_symmetric: bool = False
     weight_type: QuantType = QuantType.INT8
+    weight_rounding: WeightRounding = WeightRounding.GPTQ
     reduce_range: bool | None = None
     op_types: tuple[str, ...] = ()
     exclude_op_types: tuple[str, ...] = ()
@@ -88,6 +99,7 @@ class QuantConfig:
             ("method", CalibrationMethod),
             ("activation_type", QuantType),
             ("weight_type", QuantType),
+            ("weight_rounding", WeightRounding),
         ):
             value = getattr(self, name)
             try:

@@ -14,16 +14,18 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq.calibration.collect import collect
-from onnxq.calibration.observers import HistogramObserver, MinMaxObserver
+from onnxq.calibration.collect import Observer, observe
+from onnxq.calibration.hessian import HessianObserver
+from onnxq.calibration.observers import HistogramObserver, MinMaxObserver, mse_range
 from onnxq.calibration.readers import open_feeds
-from onnxq.config import CalibrationMethod, QuantConfig, QuantType
+from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRounding
 from onnxq.errors import OnnxqError, UnsupportedModelError
 from onnxq.isa import cpu_features
 from onnxq.model_io import input_specs, load_model
 from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.plan import NodeDecision, plan_quantization
+from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
 from onnxq.passes.prepare import prepare
+from onnxq.passes.weight_rounding import hessian_layout
 from onnxq.qparams import QParams, compute_qparams
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
@@ -110,18 +112,24 @@ def quantize_with_report(
         if on_batch is not None:
             on_batch(samples)
 
-    observers = collect(
-        float_proto,
-        plan.roots,
-        feeds,
-        histogram=config.method is CalibrationMethod.PERCENTILE,
-        on_batch=count,
+    observers = range_observers(plan.roots, config)
+    hessian_observers = (
+        weight_hessian_observers(plan) if config.weight_rounding is WeightRounding.GPTQ else {}
     )
+    by_tensor: dict[str, list[Observer]] = {name: [obs] for name, obs in observers.items()}
+    for tensor, observer in hessian_observers.values():
+        by_tensor.setdefault(tensor, []).append(observer)
+    observe(float_proto, by_tensor, feeds, on_batch=count)
+    hessians = {
+        name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count
+    }
     uncalibrated = sorted(name for name, obs in observers.items() if obs.empty)
     if uncalibrated:
         plan = plan_quantization(float_model, config, skip_tensors=uncalibrated)
     qparams = {root: activation_qparams(observers[root], config) for root in plan.roots}
-    quantized = insert_qdq(float_model, plan, qparams, config, reduce_range=reduce_range)
+    quantized = insert_qdq(
+        float_model, plan, qparams, config, reduce_range=reduce_range, hessians=hessians
+    )
     out = ir.to_proto(quantized)
     _stamp(out, config, reduce_range)
     try:
@@ -143,10 +151,29 @@ def quantize_with_report(
     return QuantResult(out, report)
 
 
+def range_observers(roots: list[str], config: QuantConfig) -> dict[str, MinMaxObserver]:
+    """One range observer per root tensor: a histogram unless the method is plain min-max."""
+    kind = MinMaxObserver if config.method is CalibrationMethod.MINMAX else HistogramObserver
+    return {root: kind() for root in roots}
+
+
+def weight_hessian_observers(plan: QuantPlan) -> dict[str, tuple[str, HessianObserver]]:
+    """For each quantized node whose weight GPTQ can round: (input tensor, its observer)."""
+    observers = {}
+    for node, _ in plan.nodes:
+        layout = hessian_layout(node, 1) if len(node.inputs) > 1 else None
+        if layout is not None:
+            observers[node.name] = (node.inputs[0].name, HessianObserver(layout))
+    return observers
+
+
 def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams:
     """Range from the configured method, then affine (or symmetric int8) qparams."""
     if config.method is CalibrationMethod.PERCENTILE and isinstance(observer, HistogramObserver):
         rmin, rmax = observer.percentile_range(config.percentile)
+    elif config.method is CalibrationMethod.MSE and isinstance(observer, HistogramObserver):
+        qmin, qmax = config.activation_type.bounds
+        rmin, rmax = mse_range(observer, qmax - qmin + 1)
     else:
         rmin, rmax = observer.min, observer.max
     return compute_qparams(

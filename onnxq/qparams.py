@@ -9,7 +9,9 @@ Rules every function here keeps:
 2. Symmetric parameters have ``zero_point`` 0 and use the narrow range ``[-qmax, qmax]``.
 3. ``reduce_range`` drops one bit (int8 -> [-64, 63], uint8 -> [0, 127]).
 4. A degenerate range (``rmin == rmax == 0``) gets ``scale = 1``: every value is 0 and is exact.
-5. Ranges must be finite; observers drop non-finite values before they get here.
+   A scale is never subnormal: tiny ranges get the smallest normal float32 scale.
+5. Ranges must be finite; observers drop non-finite values before they get here. A range so
+   wide that the scale or the dequantized ends overflow float32 is a ``ValueError`` too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import numpy as np
 from onnxq.config import QuantType
 
 INT32_MAX = np.iinfo(np.int32).max
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 _NUMPY_TYPES = {QuantType.UINT8: np.uint8, QuantType.INT8: np.int8}
 
@@ -76,13 +79,57 @@ def compute_qparams(
         raise ValueError("quantization range must be finite")
     qmin, qmax = integer_bounds(qtype, symmetric=symmetric, reduce_range=reduce_range)
     span = np.maximum(-rmin, rmax) / qmax if symmetric else (rmax - rmin) / (qmax - qmin)
-    scale = span.astype(np.float32)
-    scale = np.where((scale > 0) & np.isfinite(scale), scale, np.float32(1.0)).astype(np.float32)
+    too_wide = ValueError("quantization range is too wide for float32 (scale or ends overflow)")
+    if np.any(span > _FLOAT32_MAX):
+        raise too_wide
+    # a subnormal float32 scale keeps only a few significant bits (and runtimes may flush it to
+    # zero): a tiny but non-zero span gets the smallest normal scale instead
+    scale = np.maximum(span.astype(np.float32), np.finfo(np.float32).tiny)
+    scale = np.where(span > 0, scale, np.float32(1.0)).astype(np.float32)
     if symmetric:
         zero_point = np.zeros_like(scale, dtype=np.float64)
     else:
-        zero_point = np.clip(np.round(qmin - rmin / scale.astype(np.float64)), qmin, qmax)
+        zero_point = _zero_point(rmin, scale, qmin, qmax)
+        if (qmin, qmax) != qtype.bounds:
+            scale, zero_point = _fit_reduced_bounds(rmin, rmax, scale, zero_point, qmin, qmax)
+    # the dequantized ends (qmin - zp) * scale and (qmax - zp) * scale must be finite float32
+    reach = np.maximum(qmax - zero_point, zero_point - qmin) * scale.astype(np.float64)
+    with np.errstate(over="ignore"):
+        if not np.all(np.isfinite(reach.astype(np.float32))):
+            raise too_wide
     return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis)
+
+
+def _zero_point(rmin: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:
+    return np.clip(np.round(qmin - rmin / scale.astype(np.float64)), qmin, qmax)
+
+
+def _fit_reduced_bounds(
+    rmin: np.ndarray,
+    rmax: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray,
+    qmin: int,
+    qmax: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep ``quantize(rmin)`` and ``quantize(rmax)`` inside reduced bounds.
+
+    The ends span exactly ``qmax - qmin`` steps; when they sit half-way between integers, round
+    half to even sends both outwards (``(-1, 1)`` with uint8 reduce_range gives 0 and 128), and
+    the float32 division in ``quantize`` can disagree with the float64 zero point by one. The
+    full type range absorbs that by saturating; a reduced range cannot, so such scales grow by
+    one float32 ulp (breaking the tie) and the zero point is recomputed.
+    """
+    ends = np.stack(np.broadcast_arrays(rmin, rmax)).astype(np.float32)
+    for _ in range(16):
+        q = np.rint(ends / scale) + zero_point
+        outside = (q[0] < qmin) | (q[1] > qmax)
+        if not np.any(outside):
+            break
+        scale = np.where(outside, np.nextafter(scale, np.float32(np.inf)), scale)
+        scale = scale.astype(np.float32)
+        zero_point = _zero_point(rmin, scale, qmin, qmax)
+    return scale, zero_point
 
 
 def weight_qparams(
@@ -122,9 +169,22 @@ def dequantize(q: np.ndarray, qp: QParams) -> np.ndarray:
 def fit_weight_scale_to_bias(
     weight_scale: np.ndarray, input_scale: float, bias: np.ndarray
 ) -> np.ndarray:
-    """Raise weight scales where ``bias / (input_scale * weight_scale)`` would overflow int32."""
-    needed = np.abs(bias.astype(np.float64)) / (float(input_scale) * INT32_MAX)
-    return np.maximum(weight_scale, needed.astype(np.float32)).astype(np.float32)
+    """Raise weight scales where ``bias / (input_scale * weight_scale)`` would overflow int32.
+
+    The check repeats ``quantize_bias``'s float32 arithmetic: rounding the needed scale (and the
+    product ``input_scale * weight_scale``) to float32 can leave the quotient a few units above
+    ``INT32_MAX``, so such scales are stepped up one float32 ulp at a time until it fits.
+    """
+    input_scale32 = np.float32(input_scale)
+    magnitude = np.abs(np.asarray(bias, dtype=np.float64))
+    needed = magnitude / (float(input_scale32) * INT32_MAX)
+    fitted = np.maximum(weight_scale, needed.astype(np.float32)).astype(np.float32)
+    for _ in range(64):  # a handful of ulps at most
+        over = magnitude / (input_scale32 * fitted).astype(np.float64) > INT32_MAX
+        if not np.any(over):
+            break
+        fitted = np.where(over, np.nextafter(fitted, np.float32(np.inf)), fitted)
+    return np.asarray(fitted, dtype=np.float32)
 
 
 def quantize_bias(

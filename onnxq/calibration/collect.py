@@ -7,7 +7,8 @@ time: its activations are folded into the observers and dropped before the next 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -49,6 +50,39 @@ def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
+class Observer(Protocol):
+    """Anything that folds in a tensor's value, one batch at a time."""
+
+    def update(self, values: np.ndarray) -> object: ...
+
+
+def observe(
+    model: onnx.ModelProto,
+    observers: Mapping[str, Sequence[Observer]],
+    feeds: Iterable[Feed],
+    *,
+    on_batch: Callable[[Feed], None] | None = None,
+) -> None:
+    """Run every feed and hand each named tensor's value to its observers."""
+    names = list(observers)
+    session = make_session(augment_outputs(model, names)) if names else None
+    for index, feed in enumerate(feeds):
+        if session is None:  # nothing to observe: the feeds are still read and validated
+            if on_batch is not None:
+                on_batch(feed)
+            continue
+        try:
+            values = session.run(names, feed)
+        except Exception as exc:  # ORT raises several unrelated exception types
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CalibrationDataError(f"batch {index}: ONNX Runtime failed: {message}") from None
+        for name, value in zip(names, values, strict=True):
+            for observer in observers[name]:
+                observer.update(value)
+        if on_batch is not None:
+            on_batch(feed)
+
+
 def collect(
     model: onnx.ModelProto,
     tensor_names: Sequence[str],
@@ -57,19 +91,8 @@ def collect(
     histogram: bool,
     on_batch: Callable[[Feed], None] | None = None,
 ) -> dict[str, MinMaxObserver]:
-    """Observe ``tensor_names`` over every feed; one observer per tensor."""
-    names = list(dict.fromkeys(tensor_names))
-    session = make_session(augment_outputs(model, names))
+    """Observe the ranges of ``tensor_names`` over every feed; one observer per tensor."""
     observer_type = HistogramObserver if histogram else MinMaxObserver
-    observers: dict[str, MinMaxObserver] = {name: observer_type() for name in names}
-    for index, feed in enumerate(feeds):
-        try:
-            values = session.run(names, feed)
-        except (ort.capi.onnxruntime_pybind11_state.Fail, RuntimeError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CalibrationDataError(f"batch {index}: ONNX Runtime failed: {message}") from None
-        for name, value in zip(names, values):
-            observers[name].update(value)
-        if on_batch is not None:
-            on_batch(feed)
+    observers = {name: observer_type() for name in dict.fromkeys(tensor_names)}
+    observe(model, {name: [obs] for name, obs in observers.items()}, feeds, on_batch=on_batch)
     return observers

@@ -6,7 +6,10 @@ An observer sees one batch at a time and keeps no samples:
 * ``HistogramObserver`` also keeps a histogram of ``BINS`` equal bins over ``[-R, R]`` where
   ``R`` is a power of two that grows as data arrives. Growing doubles ``R`` and adds
   neighbouring bin pairs, so edges stay aligned: two observers over two halves of the data
-  merge into exactly the histogram one observer over all of it would hold.
+  merge into exactly the histogram one observer over all of it would hold. ``R`` is the
+  smallest power of two (at least ``2**-126``) strictly above every magnitude seen, so every
+  bin is half-open ``[a, b)`` (the last bin of ``np.histogram`` is closed, and a value equal to
+  ``R`` would change bins when the histogram is coarsened) and every edge is exact in float32.
 
 Non-finite values (``inf`` from masks, ``nan``) are counted and left out of the statistics.
 """
@@ -19,6 +22,8 @@ from typing import Any
 import numpy as np
 
 BINS = 4096
+_MIN_HALF_RANGE = 2.0**-126  # smallest normal float32: its bin edges are exact float32 values
+_FLOAT32_EDGES_UP_TO = 2.0**127  # 2**128 overflows float32: such histograms bin in float64
 
 
 class MinMaxObserver:
@@ -74,8 +79,9 @@ class HistogramObserver(MinMaxObserver):
     def update(self, values: np.ndarray) -> np.ndarray:
         flat = super().update(values)
         if flat.size:
-            self._grow_to(max(abs(self.min), abs(self.max)))
-            hist, _ = np.histogram(flat, bins=BINS, range=(-self.half_range, self.half_range))
+            self._grow_to(_half_range_above(max(abs(self.min), abs(self.max))))
+            data = flat if self.half_range <= _FLOAT32_EDGES_UP_TO else flat.astype(np.float64)
+            hist, _ = np.histogram(data, bins=BINS, range=(-self.half_range, self.half_range))
             self.counts += hist
         return flat
 
@@ -115,16 +121,26 @@ class HistogramObserver(MinMaxObserver):
     def to_dict(self) -> dict[str, Any]:
         return {**super().to_dict(), "half_range": self.half_range, "counts": self.counts.tolist()}
 
-    def _grow_to(self, magnitude: float) -> None:
-        """Double R (coarsening the bins in place) until it covers ``magnitude``."""
+    def _grow_to(self, half_range: float) -> None:
+        """Double R (coarsening the bins in place) up to ``half_range``, a power of two."""
         if self.half_range == 0.0:
-            self.half_range = 2.0 ** math.ceil(math.log2(magnitude)) if magnitude > 0 else 2.0**-126
-            while self.half_range < magnitude:
-                self.half_range *= 2
+            self.half_range = half_range
             return
-        while self.half_range < magnitude:
+        while self.half_range < half_range:
             self.counts = _coarsen(self.counts)
             self.half_range *= 2
+
+
+def _half_range_above(magnitude: float) -> float:
+    """The smallest power of two strictly above ``magnitude``, at least ``_MIN_HALF_RANGE``."""
+    if magnitude < _MIN_HALF_RANGE:
+        return _MIN_HALF_RANGE
+    half_range = 2.0 ** math.floor(math.log2(magnitude))
+    while half_range <= magnitude:
+        half_range *= 2
+    while half_range / 2 > magnitude:
+        half_range /= 2
+    return half_range
 
 
 def _coarsen(counts: np.ndarray) -> np.ndarray:
@@ -133,3 +149,27 @@ def _coarsen(counts: np.ndarray) -> np.ndarray:
     quarter = counts.size // 4
     out[quarter : quarter + counts.size // 2] = counts.reshape(-1, 2).sum(axis=1)
     return out
+
+
+def mse_range(observer: HistogramObserver, levels: int, *, candidates: int = 128) -> tuple[float, float]:
+    """The clipping range ``alpha * [min, max]`` minimising the expected squared error of
+    ``levels``-level uniform quantization over the observed histogram.
+
+    Error of a value ``x`` for range ``[lo, hi]`` with step ``s = (hi - lo) / (levels - 1)``:
+    ``s**2 / 12`` inside the range (rounding), ``(x - clip(x))**2`` outside (clipping).
+    """
+    lo0, hi0 = min(observer.min, 0.0), max(observer.max, 0.0)
+    if hi0 == lo0:
+        return lo0, hi0
+    edges = observer.edges
+    centers = (edges[:-1] + edges[1:]) / 2
+    counts = observer.counts.astype(np.float64)
+    best, best_error = (lo0, hi0), math.inf
+    for alpha in np.linspace(1.0 / candidates, 1.0, candidates):
+        lo, hi = alpha * lo0, alpha * hi0
+        step = (hi - lo) / (levels - 1)
+        clipped = np.clip(centers, lo, hi)
+        error = np.sum(counts * ((centers - clipped) ** 2 + np.where(centers == clipped, step**2 / 12, 0)))
+        if error < best_error:
+            best, best_error = (lo, hi), error
+    return best

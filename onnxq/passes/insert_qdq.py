@@ -23,13 +23,8 @@ import onnx_ir as ir
 from onnxq.config import QuantConfig, QuantType
 from onnxq.passes.op_rules import OpRule, weight_axis
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
-from onnxq.qparams import (
-    QParams,
-    fit_weight_scale_to_bias,
-    quantize,
-    quantize_bias,
-    weight_qparams,
-)
+from onnxq.passes.weight_rounding import round_weight
+from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias, weight_qparams
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -42,15 +37,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
         config: QuantConfig,
         *,
         reduce_range: bool,
+        hessians: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.plan = plan
         self.activation_qparams = activation_qparams
         self.config = config
         self.reduce_range = reduce_range
+        self.hessians = hessians or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        rewriter = _Rewriter(model.graph, self.activation_qparams, self.config, self.reduce_range)
+        rewriter = _Rewriter(
+            model.graph, self.activation_qparams, self.config, self.reduce_range, self.hessians
+        )
         for name, root in self.plan.activations.items():
             rewriter.quantize_activation(name, root)
         for node, rule in self.plan.nodes:
@@ -67,9 +66,17 @@ def insert_qdq(
     config: QuantConfig,
     *,
     reduce_range: bool = False,
+    hessians: Mapping[str, np.ndarray] | None = None,
 ) -> ir.Model:
-    """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it)."""
-    return InsertQDQPass(plan, activation_qparams, config, reduce_range=reduce_range)(model).model
+    """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it).
+
+    ``hessians`` maps node names to ``E[x x^T]`` of their input; those nodes' weights get
+    GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest.
+    """
+    insert = InsertQDQPass(
+        plan, activation_qparams, config, reduce_range=reduce_range, hessians=hessians
+    )
+    return insert(model).model
 
 
 class _Rewriter:
@@ -81,8 +88,10 @@ class _Rewriter:
         activation_qparams: Mapping[str, QParams],
         config: QuantConfig,
         reduce_range: bool,
+        hessians: Mapping[str, np.ndarray],
     ) -> None:
         self.graph = graph
+        self.hessians = hessians
         self.activation_qparams = activation_qparams
         self.config = config
         self.reduce_range = reduce_range
@@ -194,11 +203,13 @@ class _Rewriter:
             limit = np.abs(bias_array).max() if qp.axis is None else np.abs(bias_array)
             scale = fit_weight_scale_to_bias(qp.scale, input_scale, np.asarray(limit))
             qp = QParams(scale.reshape(qp.scale.shape), qp.zero_point, qp.axis)
+        hessian = self.hessians.get(node.name) if index == 1 else None
         key = (weight.name, qp.axis, qp.scale.tobytes())
         if key not in self.weight_dq:
+            levels = round_weight(node, array, qp, hessian)
             quantized = ir.Value(
                 name=f"{weight.name}_quantized",
-                const_value=ir.tensor(quantize(array, qp), name=f"{weight.name}_quantized"),
+                const_value=ir.tensor(levels, name=f"{weight.name}_quantized"),
             )
             self._register(quantized)
             scale, zero_point = self._qparam_values(weight.name, qp)

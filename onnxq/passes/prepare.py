@@ -94,7 +94,8 @@ class PreparePass(ir.passes.FunctionalPass):
     3. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
     4. Constant subgraphs folded into initializers (``FoldConstantsPass``).
     5. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
-    6. Shapes inferred (``InferShapesPass``), graphs and functions sorted topologically.
+    6. Shapes inferred (``InferShapesPass``); every node and value gets a unique name (nodes are
+       reported and selected by name); graphs and functions sorted topologically.
     """
 
     def __init__(self, min_opset: int = 13, max_size: int = DEFAULT_MAX_SIZE) -> None:
@@ -106,6 +107,7 @@ class PreparePass(ir.passes.FunctionalPass):
             FoldConstantsPass(max_size),
             FoldBatchNormPass(),
             InferShapesPass(),
+            common_passes.NameFixPass(),
             common_passes.TopologicalSortPass(),
         )
 

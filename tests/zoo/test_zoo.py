@@ -16,11 +16,11 @@ from calibration.digits import (  # noqa: E402
     write_npz,
 )
 from calibration.images import (  # noqa: E402
-    AVAILABLE,
-    resnet_indices,
+    EVAL_WIDTH,
+    SIZE,
+    eval_inputs,
+    photo_crops,
     resnet_inputs,
-    resnet_labels,
-    warmup_indices,
     warmup_inputs,
 )
 from models.digits_cnn import accuracy, build_digits_cnn, train_digits_cnn  # noqa: E402
@@ -103,20 +103,18 @@ def test_warm_up_batchnorm_sets_cumulative_average():
         warm_up_batchnorm(model, [])
 
 
-def test_resnet_inputs_ranges_are_disjoint_and_normalised():
-    first, second = resnet_indices(100), resnet_indices(100, offset=100)
-    assert not set(first) & set(second)
-    assert not set(warmup_indices()) & set(resnet_indices(AVAILABLE))
-    x = resnet_inputs(64, offset=10)
-    assert x.shape == (64, 3, 224, 224) and x.dtype == np.float32
-    assert np.array_equal(x[:, 0], x[:, 2])
-    assert abs(float(x.mean())) < 0.15 and 0.8 < float(x.std()) < 1.2
-    assert np.array_equal(x[:1], resnet_inputs(1, offset=10))
-    _, labels = load_digits_images()
-    assert np.array_equal(resnet_labels(5, offset=3), labels[resnet_indices(5, offset=3)])
-    assert warmup_inputs(2).shape == (2, 3, 224, 224)
-    with pytest.raises(ValueError):
-        resnet_inputs(2, offset=AVAILABLE - 1)
+def test_photo_crops_are_deterministic_normalised_and_split_by_columns():
+    x = resnet_inputs(6)
+    assert x.shape == (6, 3, SIZE, SIZE) and x.dtype == np.float32
+    assert np.array_equal(x, resnet_inputs(6))
+    assert not np.array_equal(x, resnet_inputs(6, seed=1))
+    assert abs(float(x.mean())) < 0.8 and 0.5 < float(x.std()) < 1.5
+    assert not np.array_equal(warmup_inputs(4), resnet_inputs(4))
+    assert eval_inputs(3).shape == (3, 3, SIZE, SIZE)
+    # eval crops only ever touch the right EVAL_WIDTH columns, which others never reach
+    assert 640 - EVAL_WIDTH >= SIZE
+    with pytest.raises(ValueError, match="split"):
+        photo_crops("test", 2)
 
 
 @pytest.mark.slow

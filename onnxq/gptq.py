@@ -1,0 +1,58 @@
+"""Error-compensating weight rounding (GPTQ; Frantar et al., 2022), pure numpy.
+
+Rounding each weight to its nearest grid point ignores what the layer computes. GPTQ rounds the
+columns of ``W`` (one row per output channel) one at a time and spreads each column's rounding
+error over the columns not yet rounded, weighted by the inverse of ``H = E[x x^T]``, so that
+``|| W x - W_q x ||^2`` over the calibration inputs stays small:
+
+    e_i = (w_i - q(w_i)) / [U]_ii          W[:, j>i] -= e_i [U]_i,j>i
+
+with ``U`` the upper Cholesky factor of ``(H + damp I)^-1``. Scales and zero points are fixed
+beforehand (per row or per tensor); only the integers change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxq.qparams import QParams
+
+DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal
+BLOCK = 128
+
+
+def gptq_round(weight: np.ndarray, hessian: np.ndarray, qp: QParams) -> np.ndarray:
+    """Integers for ``weight`` (``[rows, K]``) on ``qp``'s grid (per-row or per-tensor)."""
+    rows, k = weight.shape
+    scale = np.broadcast_to(np.asarray(qp.scale, np.float64).reshape(-1, 1), (rows, 1))
+    zero = np.broadcast_to(np.asarray(qp.zero_point, np.float64).reshape(-1, 1), (rows, 1))
+    w = weight.astype(np.float64).copy()
+    h = hessian.astype(np.float64).copy()
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
+    try:
+        upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        return _nearest(weight, scale, zero, qp)
+    q = np.empty_like(w)
+    for start in range(0, k, BLOCK):
+        stop = min(start + BLOCK, k)
+        block = w[:, start:stop].copy()
+        errors = np.empty_like(block)
+        u = upper[start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[:, i : i + 1]
+            levels = np.clip(np.rint(column / scale) + zero, qp.qmin, qp.qmax)
+            q[:, start + i : start + i + 1] = levels
+            error = (column - (levels - zero) * scale) / u[i, i]
+            block[:, i:] -= error * u[i, i:]
+            errors[:, i : i + 1] = error
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    return q.astype(qp.zero_point.dtype)
+
+
+def _nearest(weight: np.ndarray, scale: np.ndarray, zero: np.ndarray, qp: QParams) -> np.ndarray:
+    levels = np.clip(np.rint(weight / scale) + zero, qp.qmin, qp.qmax)
+    return levels.astype(qp.zero_point.dtype)

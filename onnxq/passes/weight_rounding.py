@@ -1,0 +1,74 @@
+"""Which weights get error-compensating rounding, and how their layout maps to GPTQ's rows.
+
+GPTQ works on a matrix with one row per output channel and one column per input the row
+multiplies. Rules:
+1. Conv ``W[M, C/g, k...]``: rows ``W.reshape(M, -1)``, group ``g`` owns rows
+   ``g*M/g .. (g+1)*M/g`` and the im2col columns of input channels ``g*C/g ..``.
+2. Gemm: ``W[N, K]`` with ``transB=1``, else ``W.T``; MatMul's right operand ``B[K, N]``: ``B.T``.
+3. Anything else (ConvTranspose, batched MatMul weights, a constant left operand, a weight
+   shared by several quantized nodes) keeps round-to-nearest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.calibration.hessian import InputLayout, conv_layout
+from onnxq.gptq import gptq_round
+from onnxq.qparams import QParams, quantize
+
+
+def hessian_layout(node: ir.Node, weight_index: int) -> InputLayout | None:
+    """How the activation that meets this weight becomes columns, or ``None`` (rule 3)."""
+    weight = node.inputs[weight_index]
+    activation = node.inputs[0]
+    if weight is None or weight.const_value is None or activation is None:
+        return None
+    if sum(1 for use in weight.uses() if use.node.graph is node.graph) != 1:
+        return None
+    shape = tuple(weight.const_value.shape)
+    if node.op_type == "Conv" and weight_index == 1:
+        input_shape = tuple(activation.shape) if activation.shape is not None else ()
+        return conv_layout(node, input_shape, shape)
+    if node.op_type == "Gemm" and weight_index == 1 and len(shape) == 2:
+        trans_a = node.attributes.get("transA")
+        return InputLayout(transposed=bool(trans_a is not None and trans_a.as_int()))
+    if node.op_type == "MatMul" and weight_index == 1 and len(shape) == 2:
+        return InputLayout()
+    return None
+
+
+def round_weight(
+    node: ir.Node, weight: np.ndarray, qp: QParams, hessian: np.ndarray | None
+) -> np.ndarray:
+    """Integers for ``weight``: GPTQ when a Hessian is given (rules 1-2), else nearest."""
+    if hessian is None:
+        return quantize(weight, qp)
+    transposed = node.op_type == "MatMul" or (
+        node.op_type == "Gemm" and not _attr(node, "transB")
+    )
+    rows = weight.T if transposed else weight.reshape(weight.shape[0], -1)
+    row_qp = _row_qparams(qp, rows.shape[0])
+    groups = hessian.shape[0]
+    per_group = rows.shape[0] // groups
+    out = np.empty(rows.shape, dtype=qp.zero_point.dtype)
+    for g in range(groups):
+        part = slice(g * per_group, (g + 1) * per_group)
+        group_qp = QParams(row_qp.scale[part], row_qp.zero_point[part], 0)
+        out[part] = gptq_round(rows[part], hessian[g], group_qp)
+    return out.T if transposed else out.reshape(weight.shape)
+
+
+def _row_qparams(qp: QParams, rows: int) -> QParams:
+    """Per-row scale and zero point (per-tensor ones repeated)."""
+    scale = np.broadcast_to(qp.scale.reshape(-1), (rows,)) if qp.scale.size == 1 else qp.scale
+    zero = np.broadcast_to(qp.zero_point.reshape(-1), (rows,)) if qp.zero_point.size == 1 else (
+        qp.zero_point
+    )
+    return QParams(np.asarray(scale), np.asarray(zero), 0)
+
+
+def _attr(node: ir.Node, name: str) -> int:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else 0
