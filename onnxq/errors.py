@@ -15,7 +15,7 @@ class InvalidModelError(OnnxqError):
 
 
 class UnsupportedModelError(OnnxqError):
-    """The model is valid ONNX but uses something onnxq cannot handle (e.g. an unknown op domain)."""
+    """Valid ONNX that onnxq cannot handle (e.g. an op from an unknown domain)."""
 
 
 class CalibrationDataError(OnnxqError):

@@ -120,9 +120,7 @@ def quantize_with_report(
     for tensor, observer in hessian_observers.values():
         by_tensor.setdefault(tensor, []).append(observer)
     observe(float_proto, by_tensor, feeds, on_batch=count)
-    hessians = {
-        name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count
-    }
+    hessians = {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
     uncalibrated = sorted(name for name, obs in observers.items() if obs.empty)
     if uncalibrated:
         plan = plan_quantization(float_model, config, skip_tensors=uncalibrated)

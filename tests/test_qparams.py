@@ -48,8 +48,9 @@ DQ_OPSETS = (19, 21)
 def _model(op: str, qtype: QuantType, opset: int, axis: int | None) -> onnx.ModelProto:
     """One Q or DQ node; scale and zero point are graph inputs so one model serves every row."""
     in_type, out_type = (
-        (TensorProto.FLOAT, ONNX_TYPE[qtype]) if op == "QuantizeLinear" else
-        (ONNX_TYPE[qtype], TensorProto.FLOAT)
+        (TensorProto.FLOAT, ONNX_TYPE[qtype])
+        if op == "QuantizeLinear"
+        else (ONNX_TYPE[qtype], TensorProto.FLOAT)
     )
     param_shape = [] if axis is None else ["C"]
     attrs = {} if axis is None else {"axis": axis}
@@ -126,27 +127,43 @@ QUANTIZE_ROWS = [
     ),
     pytest.param(I8, 0.5, 0, [0.25, 0.75, -0.25, -0.75], [0, 2, 0, -2], id="i8-halves-scale0.5"),
     pytest.param(
-        I8, 1.0, 0,
+        I8,
+        1.0,
+        0,
         [1e6, -1e6, 127.0, 127.4, 127.5, 128.0, -128.0, -128.5, -129.0],
         [127, -128, 127, 127, 127, 127, -128, -128, -128],
         id="i8-saturate",
     ),
     pytest.param(
-        U8, 1.0, 0,
+        U8,
+        1.0,
+        0,
         [1e6, -1e6, 255.0, 255.5, 256.0, -0.5, -0.6, -1.0],
         [255, 0, 255, 255, 255, 0, 0, 0],
         id="u8-saturate",
     ),
     pytest.param(
-        U8, 1.0, 255, [0.0, -255.0, -256.0, 1.0, -254.5, -252.5], [255, 0, 0, 255, 1, 3],
+        U8,
+        1.0,
+        255,
+        [0.0, -255.0, -256.0, 1.0, -254.5, -252.5],
+        [255, 0, 0, 255, 1, 3],
         id="u8-zp255",
     ),
     pytest.param(
-        I8, 1.0, -128, [0.0, 255.0, 256.0, -1.0, 254.5, 253.5], [-128, 127, 127, -128, 126, 126],
+        I8,
+        1.0,
+        -128,
+        [0.0, 255.0, 256.0, -1.0, 254.5, 253.5],
+        [-128, 127, 127, -128, 126, 126],
         id="i8-zp-128",
     ),
     pytest.param(
-        I8, 1.0, 127, [0.0, -255.0, -256.0, 1.0, -0.5, -1.5], [127, -128, -128, 127, 127, 125],
+        I8,
+        1.0,
+        127,
+        [0.0, -255.0, -256.0, 1.0, -0.5, -1.5],
+        [127, -128, -128, 127, 127, 125],
         id="i8-zp127",
     ),
     pytest.param(
@@ -193,8 +210,15 @@ def test_quantize_saturates_beyond_int32(qtype, zp, expected):
 @pytest.mark.parametrize("opset", DQ_OPSETS)
 @pytest.mark.parametrize(
     ("qtype", "scale", "zp"),
-    [(U8, 0.1, 0), (U8, 0.37, 255), (U8, 1.0, 128), (I8, 3e-3, -128), (I8, 1.0, 127),
-     (I8, 2.5, 0), (I8, 1e-30, -7)],
+    [
+        (U8, 0.1, 0),
+        (U8, 0.37, 255),
+        (U8, 1.0, 128),
+        (I8, 3e-3, -128),
+        (I8, 1.0, 127),
+        (I8, 2.5, 0),
+        (I8, 1e-30, -7),
+    ],
 )
 def test_dequantize_every_integer(qtype, scale, zp, opset):
     info = np.iinfo(NP[qtype])
@@ -219,7 +243,9 @@ PER_AXIS_X = np.array(
 )
 PER_AXIS_ROWS = [
     pytest.param(
-        I8, [1.0, 0.5, 2.0], [0, -128, 127],
+        I8,
+        [1.0, 0.5, 2.0],
+        [0, -128, 127],
         [
             [[0, 2, 2, 0], [-128, -126, -128, 127], [126, 127, 127, -128]],
             [[127, -128, 127, -128], [-1, -128, 0, -128], [127, 125, 127, 127]],
@@ -227,7 +253,9 @@ PER_AXIS_ROWS = [
         id="i8",
     ),
     pytest.param(
-        U8, [1.0, 0.5, 2.0], [0, 128, 255],
+        U8,
+        [1.0, 0.5, 2.0],
+        [0, 128, 255],
         [
             [[0, 2, 2, 0], [128, 130, 128, 255], [254, 255, 255, 0]],
             [[255, 0, 128, 0], [255, 0, 255, 0], [255, 253, 255, 255]],
@@ -419,14 +447,15 @@ WEIGHTS = hnp.arrays(
 def test_per_channel_equals_per_tensor_on_each_slice(weight, data, sch):
     qtype, symmetric, reduce_range = sch
     axis = data.draw(st.integers(-weight.ndim, weight.ndim - 1))
-    qp = weight_qparams(
-        weight, qtype, axis=axis, symmetric=symmetric, reduce_range=reduce_range
-    )
+    qp = weight_qparams(weight, qtype, axis=axis, symmetric=symmetric, reduce_range=reduce_range)
     channels = weight.shape[axis]
     assert qp.scale.shape == (channels,) and qp.zero_point.shape == (channels,)
     for c in range(channels):
         slice_qp = weight_qparams(
-            np.take(weight, c, axis=axis), qtype, axis=None, symmetric=symmetric,
+            np.take(weight, c, axis=axis),
+            qtype,
+            axis=None,
+            symmetric=symmetric,
             reduce_range=reduce_range,
         )
         assert qp.scale[c].tobytes() == slice_qp.scale.tobytes()

@@ -50,7 +50,7 @@ class InputLayout:
         index += tuple(slice(None, None, s) for s in self.strides)
         index += tuple(slice(None, None, d) for d in self.dilations)
         view = view[index]  # N, C, out..., k...
-        n, channels = view.shape[:2]
+        channels = view.shape[1]
         order = (1, *range(2 + spatial, 2 + 2 * spatial), 0, *range(2, 2 + spatial))
         cols = view.transpose(order).reshape(channels * int(np.prod(self.kernel)), -1)
         per_group = cols.shape[0] // self.group
@@ -58,9 +58,9 @@ class InputLayout:
         return cols.reshape(self.group, per_group, -1)
 
 
-def conv_layout(node: ir.Node, input_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> (
-    InputLayout | None
-):
+def conv_layout(
+    node: ir.Node, input_shape: tuple[int, ...], weight_shape: tuple[int, ...]
+) -> InputLayout | None:
     """The Conv's layout, or ``None`` when its padding cannot be made explicit."""
     spatial = len(weight_shape) - 2
     attrs = node.attributes

@@ -151,7 +151,9 @@ def _coarsen(counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def mse_range(observer: HistogramObserver, levels: int, *, candidates: int = 128) -> tuple[float, float]:
+def mse_range(
+    observer: HistogramObserver, levels: int, *, candidates: int = 128
+) -> tuple[float, float]:
     """The clipping range ``alpha * [min, max]`` minimising the expected squared error of
     ``levels``-level uniform quantization over the observed histogram.
 
@@ -169,7 +171,9 @@ def mse_range(observer: HistogramObserver, levels: int, *, candidates: int = 128
         lo, hi = alpha * lo0, alpha * hi0
         step = (hi - lo) / (levels - 1)
         clipped = np.clip(centers, lo, hi)
-        error = np.sum(counts * ((centers - clipped) ** 2 + np.where(centers == clipped, step**2 / 12, 0)))
+        error = np.sum(
+            counts * ((centers - clipped) ** 2 + np.where(centers == clipped, step**2 / 12, 0))
+        )
         if error < best_error:
             best, best_error = (lo, hi), error
     return best

@@ -45,9 +45,7 @@ def round_weight(
     """Integers for ``weight``: GPTQ when a Hessian is given (rules 1-2), else nearest."""
     if hessian is None:
         return quantize(weight, qp)
-    transposed = node.op_type == "MatMul" or (
-        node.op_type == "Gemm" and not _attr(node, "transB")
-    )
+    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB"))
     rows = weight.T if transposed else weight.reshape(weight.shape[0], -1)
     row_qp = _row_qparams(qp, rows.shape[0])
     groups = hessian.shape[0]
@@ -63,8 +61,10 @@ def round_weight(
 def _row_qparams(qp: QParams, rows: int) -> QParams:
     """Per-row scale and zero point (per-tensor ones repeated)."""
     scale = np.broadcast_to(qp.scale.reshape(-1), (rows,)) if qp.scale.size == 1 else qp.scale
-    zero = np.broadcast_to(qp.zero_point.reshape(-1), (rows,)) if qp.zero_point.size == 1 else (
-        qp.zero_point
+    zero = (
+        np.broadcast_to(qp.zero_point.reshape(-1), (rows,))
+        if qp.zero_point.size == 1
+        else (qp.zero_point)
     )
     return QParams(np.asarray(scale), np.asarray(zero), 0)
 

@@ -37,9 +37,7 @@ def _assert_same_histogram(a: HistogramObserver, b: HistogramObserver) -> None:
 
 @pytest.mark.parametrize("kind", OBSERVERS)
 def test_minmax_is_exact_over_batches(kind, rng):
-    batches = [
-        (rng.standard_normal((4, 5)) * 10.0**e).astype(np.float32) for e in (-3, 0, 2, -1)
-    ]
+    batches = [(rng.standard_normal((4, 5)) * 10.0**e).astype(np.float32) for e in (-3, 0, 2, -1)]
     observer = _observe(kind, batches)
     everything = np.concatenate([b.ravel() for b in batches])
     assert observer.min == float(everything.min())
