@@ -1,9 +1,10 @@
 """Rewrite a float graph into a QDQ graph following a ``QuantPlan``.
 
 Rewrite rules (``InsertQDQPass``):
-1. Activation ``t`` -> ``QuantizeLinear(t) -> DequantizeLinear``; every consumer of ``t`` reads
-   the DQ output, so ``t``'s producer feeds only the Q and ORT can fuse it. Graph outputs keep
-   the float tensor unless ``quantize_outputs``.
+1. Activation ``t`` -> ``QuantizeLinear(t) -> DequantizeLinear``. When ``t``'s producer runs
+   in int8, every reader of ``t`` switches to the DQ output (the producer then feeds only the Q
+   and ORT fuses it); otherwise only quantized readers do and float readers keep the exact
+   value. Graph outputs keep the float tensor unless ``quantize_outputs``.
 2. Weight ``W`` -> int8 (or uint8) initializer -> ``DequantizeLinear`` (``axis`` when
    per-channel). The float initializer is dropped once nothing else reads it, so the file
    shrinks about 4x.
@@ -50,8 +51,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
         rewriter = _Rewriter(
             model.graph, self.activation_qparams, self.config, self.reduce_range, self.hessians
         )
+        int8_readers = {id(node) for node, _ in self.plan.nodes} | {
+            id(node)
+            for node in model.graph
+            if any(o.name in self.plan.int8_produced for o in node.outputs)
+        }
         for name, root in self.plan.activations.items():
-            rewriter.quantize_activation(name, root)
+            readers = None if name in self.plan.int8_produced else int8_readers
+            rewriter.quantize_activation(name, root, readers)
         for node, rule in self.plan.nodes:
             rewriter.quantize_constants(node, rule)
         rewriter.drop_unused_initializers()
@@ -101,7 +108,9 @@ class _Rewriter:
         self.dequantized_roots: dict[int, str] = {}  # id(DQ output value) -> root tensor
 
     # -- activations -------------------------------------------------------------------------
-    def quantize_activation(self, name: str, root: str) -> None:
+    def quantize_activation(self, name: str, root: str, readers: set[int] | None) -> None:
+        """Q/DQ pair on ``name``; ``readers`` (node ids) switch to the DQ output, or every
+        reader when ``None``."""
         value = self.values[name]
         qp = self.activation_qparams[root]
         scale, zero_point = self._qparam_values(root, qp)
@@ -125,7 +134,7 @@ class _Rewriter:
         )
         self.dequantized_roots[id(dequantized)] = root
         for use in list(value.uses()):
-            if use.node is not q_node:
+            if use.node is not q_node and (readers is None or id(use.node) in readers):
                 use.node.replace_input_with(use.idx, dequantized)
         if value.is_graph_output() and self.config.quantize_outputs:
             self._move_graph_output(value, dequantized)

@@ -11,9 +11,13 @@
 4. A node whose quantization point is a graph output declines unless its kernel also has a
    float output or ``quantize_outputs`` is set. Kernels with a float output (MatMul, Gemm)
    get an output Q/DQ only where a quantized consumer reads it.
-5. Pass-through ops (reshape, pooling by max, ...) whose data input is quantized share that
+5. Ops with a constant weight (Conv, Gemm, weight MatMul) are anchors. Every other op
+   (element-wise, pooling, Concat, MatMul of two activations) is quantized only inside an int8
+   region: its inputs come from quantized outputs and a quantized op reads its output. So a
+   residual Add into LayerNorm, or attention MatMuls fed by float bias Adds, stay float.
+6. Pass-through ops (reshape, pooling by max, ...) whose data input is quantized share that
    input's qparams for their output, so chains of them stay int8.
-6. Tensors in ``skip_tensors`` (e.g. no finite calibration values) are never quantized; nodes
+7. Tensors in ``skip_tensors`` (e.g. no finite calibration values) are never quantized; nodes
    that need them decline.
 """
 
@@ -52,17 +56,25 @@ class QuantPlan:
 
     ``activations`` maps each tensor that gets a Q/DQ pair to its *root*: the tensor whose
     calibrated range gives its qparams (itself, or a pass-through op's quantized input).
-    ``nodes`` lists the quantized nodes with their rule.
+    ``nodes`` lists the quantized nodes with their rule. ``int8_produced`` names the tensors
+    whose producer runs in int8 (a quantized node's output, an int8 pass-through's output): all
+    their readers switch to the DQ output so the producer feeds only its Q and fuses. Other
+    quantized tensors (e.g. a LayerNorm output read by MatMuls and a residual Add) keep their
+    float readers on the exact float value.
     """
 
     nodes: list[tuple[ir.Node, OpRule]] = field(default_factory=list)
     activations: dict[str, str] = field(default_factory=dict)
+    int8_produced: set[str] = field(default_factory=set)
     decisions: list[NodeDecision] = field(default_factory=list)
 
     @property
     def roots(self) -> list[str]:
         """Tensors that need calibrated ranges."""
         return sorted(set(self.activations.values()))
+
+
+_FLOAT = NodeDecision("", "", False, "")
 
 
 def is_float32(value: ir.Value | None) -> bool:
@@ -90,6 +102,7 @@ def plan_quantization(
     decided: dict[int, NodeDecision] = {}
     needed: set[str] = set()
     points: set[str] = set()
+    candidates: list[_Candidate] = []
 
     for index, node in enumerate(graph):
         label = node_label(node, index)
@@ -125,8 +138,17 @@ def plan_quantization(
                 "cannot be quantized)"
             )
             continue
+        candidates.append(_Candidate(node, rule, point, label))
+
+    kept, pruned = _prune_followers(graph, candidates)
+    for candidate, reason in pruned:
+        decided[id(candidate.node)] = NodeDecision(
+            candidate.label, candidate.node.op_type, False, reason
+        )
+    for candidate in kept:
+        node, rule, point = candidate.node, candidate.rule, candidate.point
         plan.nodes.append((node, rule))
-        decided[id(node)] = NodeDecision(label, node.op_type, True, rule.kernel)
+        decided[id(node)] = NodeDecision(candidate.label, node.op_type, True, rule.kernel)
         needed.update(v.name for v in _activation_inputs(node, rule))
         if point is not None:
             points.add(point.name)
@@ -134,6 +156,12 @@ def plan_quantization(
                 needed.add(point.name)
 
     plan.activations = _share_through_pass_through(graph, needed, points, skip, decided)
+    plan.int8_produced = points | {
+        o.name
+        for n in graph
+        if n.op_type in PASS_THROUGH_OPS and decided.get(id(n), _FLOAT).quantized
+        for o in n.outputs
+    }
     plan.decisions = [decided[id(n)] for n in graph if id(n) in decided]
     plan.decisions += [
         NodeDecision(node_label(n, i), n.op_type, False, "inside a subgraph (If/Loop/Scan body)")
@@ -141,6 +169,60 @@ def plan_quantization(
         if n.op_type in QUANTIZABLE_OPS
     ]
     return plan
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    node: ir.Node
+    rule: OpRule
+    point: ir.Value | None
+    label: str
+
+    @property
+    def anchor(self) -> bool:
+        """Ops with a constant weight: worth int8 on their own (rule 5)."""
+        if self.rule.weight_input is not None:
+            return True
+        return self.rule.constant_operands_ok and any(is_constant(v) for v in self.node.inputs)
+
+
+def _prune_followers(
+    graph: ir.Graph, candidates: list[_Candidate]
+) -> tuple[list[_Candidate], list[tuple[_Candidate, str]]]:
+    """Keep a follower (element-wise, pooling, Concat, activation-only MatMul) only inside an
+    int8 region: every activation input comes from a kept node's quantized output (through
+    pass-through ops), and, unless its kernel has a float output, a kept node reads its output.
+    Greatest fixpoint: drop violators until none is left.
+    """
+    passes = [n for n in graph if n.op_type in PASS_THROUGH_OPS and n.domain in ("", "ai.onnx")]
+    kept = list(candidates)
+    pruned: list[tuple[_Candidate, str]] = []
+    while True:
+        sources = {c.point.name for c in kept if c.point is not None}
+        for node in passes:
+            if node.inputs and node.inputs[0] is not None and node.inputs[0].name in sources:
+                sources.update(o.name for o in node.outputs)
+        consumed = {v.name for c in kept for v in _activation_inputs(c.node, c.rule)}
+        for node in reversed(passes):
+            if any(o.name in consumed for o in node.outputs) and node.inputs[0] is not None:
+                consumed.add(node.inputs[0].name)
+        dropped = []
+        for candidate in kept:
+            if candidate.anchor:
+                continue
+            inputs = _activation_inputs(candidate.node, candidate.rule)
+            floating = next((v.name for v in inputs if v.name not in sources), None)
+            if floating is not None:
+                dropped.append((candidate, f"input {floating!r} comes from a float op"))
+            elif not candidate.rule.float_output_ok and (
+                candidate.point is None or candidate.point.name not in consumed
+            ):
+                dropped.append((candidate, "output feeds only float ops"))
+        if not dropped:
+            return kept, pruned
+        pruned += dropped
+        gone = {id(c.node) for c, _ in dropped}
+        kept = [c for c in kept if id(c.node) not in gone]
 
 
 def _activation_inputs(node: ir.Node, rule: OpRule) -> list[ir.Value]:
@@ -208,7 +290,7 @@ def _share_through_pass_through(
     skip: set[str],
     decided: dict[int, NodeDecision],
 ) -> dict[str, str]:
-    """Map each quantized tensor to its root (rule 5).
+    """Map each quantized tensor to its root (rule 6).
 
     Forward: a pass-through output has a quantized origin when its data input is a node's
     output quantization point or itself has one.
