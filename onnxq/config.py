@@ -76,6 +76,8 @@ class QuantConfig:
         quantize_outputs: also quantize tensors that are graph outputs. Off by default:
             MatMul/Gemm keep an int8 kernel with a float output, and the model's
             outputs keep full precision.
+        quantize_embeddings: store embedding tables (Gather of a constant matrix) as int8
+            with per-row scales.
     """
 
     method: CalibrationMethod = CalibrationMethod.MINMAX
@@ -92,6 +94,7 @@ class QuantConfig:
     batch_size: int = 8
     max_samples: int | None = None
     quantize_outputs: bool = False
+    quantize_embeddings: bool = True
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:

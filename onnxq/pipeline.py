@@ -25,6 +25,7 @@ from onnxq.model_io import input_specs, load_model
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
 from onnxq.passes.prepare import prepare
+from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.passes.weight_rounding import hessian_layout
 from onnxq.qparams import QParams, compute_qparams
 
@@ -128,6 +129,9 @@ def quantize_with_report(
     quantized = insert_qdq(
         float_model, plan, qparams, config, reduce_range=reduce_range, hessians=hessians
     )
+    decisions = list(plan.decisions)
+    if config.quantize_embeddings:
+        decisions += quantize_embeddings(quantized)
     out = ir.to_proto(quantized)
     _stamp(out, config, reduce_range)
     try:
@@ -136,7 +140,7 @@ def quantize_with_report(
         first = str(exc).strip().splitlines()[0]
         raise QuantizationError(f"the quantized model fails the ONNX checker: {first}") from None
     report = QuantizationReport(
-        decisions=plan.decisions,
+        decisions=decisions,
         size_before=size_before,
         size_after=out.ByteSize(),
         samples=samples,
