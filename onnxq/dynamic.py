@@ -1,0 +1,55 @@
+"""Dynamic quantization, orchestration only: load -> prepare -> int8 weights -> check.
+
+No calibration data: activations are quantized at run time by ``DynamicQuantizeLinear``.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig
+from onnxq.isa import cpu_features
+from onnxq.model_io import load_model
+from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.prepare import prepare
+from onnxq.passes.quantize_embeddings import quantize_embeddings
+from onnxq.pipeline import (
+    ModelSource,
+    QuantizationReport,
+    QuantResult,
+    finish,
+    refuse_quantized,
+    resolve_reduce_range,
+)
+
+
+def quantize_dynamic(model: ModelSource, config: QuantConfig | None = None) -> onnx.ModelProto:
+    """Int8 weights (MatMul, Gemm, LSTM, embedding tables), activations quantized at run time."""
+    return quantize_dynamic_with_report(model, config).model
+
+
+def quantize_dynamic_with_report(
+    model: ModelSource, config: QuantConfig | None = None
+) -> QuantResult:
+    """``quantize_dynamic`` plus a ``QuantizationReport`` (``samples`` is 0)."""
+    config = config or QuantConfig()
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    refuse_quantized(proto)
+    reduce_range, reduce_reason = resolve_reduce_range(config)
+    float_model = prepare(ir.from_proto(proto))
+    decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
+    if config.quantize_embeddings:
+        decisions += quantize_embeddings(float_model)
+    out = finish(float_model, config, reduce_range)
+    report = QuantizationReport(
+        decisions=decisions,
+        size_before=proto.ByteSize(),
+        size_after=out.ByteSize(),
+        samples=0,
+        reduce_range=reduce_range,
+        reduce_range_reason=reduce_reason,
+        config={**config.to_dict(), "mode": "dynamic"},
+        cpu=cpu_features().to_dict(),
+    )
+    return QuantResult(out, report)

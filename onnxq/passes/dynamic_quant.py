@@ -1,0 +1,227 @@
+"""Dynamic quantization: int8 weights in the file, activations quantized at run time.
+
+Rewrite rules (``DynamicQuantizePass``):
+1. ``MatMul(A, W)`` with a float32 constant 2-D ``W`` becomes::
+
+       DynamicQuantizeLinear(A) -> MatMulInteger(A_u8, W_s8, a_zero_point) -> Cast(float)
+       -> Mul(a_scale * w_scale)
+
+   with ``w_scale`` per output column (or per tensor). ORT fuses the chain into
+   ``DynamicQuantizeMatMul``.
+2. ``Gemm(A, W, C)`` with constant ``W``, ``transA = 0`` and ``alpha = beta = 1`` is rule 1 on
+   ``W`` (transposed first when ``transB = 1``) followed by ``Add(C)``.
+3. ``LSTM`` (forward/reverse/bidirectional, ``layout = 0``, no ``input_forget``) with constant
+   ``W``/``R`` becomes ``com.microsoft.DynamicQuantizeLSTM`` with ``W``, ``R`` transposed to
+   ``[directions, in, 4*hidden]`` and quantized per gate column.
+4. Everything else stays float; Conv among them (ConvInteger is not faster than fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.config import QuantConfig, QuantType
+from onnxq.passes.fold_constants import remove_unused_initializers
+from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
+from onnxq.qparams import QParams, quantize, weight_qparams
+
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class DynamicQuantizePass(ir.passes.InPlacePass):
+    """Apply the module's rules; ``decisions`` records every candidate node."""
+
+    config: QuantConfig
+    reduce_range: bool = False
+
+    def __post_init__(self) -> None:
+        super().__init__()
+        self.decisions: list[NodeDecision] = []
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        patterns = [re.compile(p) for p in self.config.exclude_nodes]
+        selected = set(self.config.op_types) or {"MatMul", "Gemm", "LSTM"}
+        for index, node in enumerate(list(graph)):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in (
+                "MatMul",
+                "Gemm",
+                "LSTM",
+                "Conv",
+                "GRU",
+            ):
+                continue
+            label = node_label(node, index)
+            reason = self._decline_reason(node, selected, patterns)
+            if not reason:
+                rewrite = {"MatMul": self._matmul, "Gemm": self._gemm, "LSTM": self._lstm}
+                reason = rewrite[node.op_type](graph, node)
+            quantized = reason.startswith("int8")
+            self.decisions.append(NodeDecision(label, node.op_type, quantized, reason))
+        remove_unused_initializers(model)
+        return ir.passes.PassResult(model, modified=any(d.quantized for d in self.decisions))
+
+    def _decline_reason(self, node: ir.Node, selected: set[str], patterns: list) -> str:
+        if node.op_type == "Conv":
+            return "dynamic Conv (ConvInteger) is not faster than fp32 on CPU; use static"
+        if node.op_type == "GRU":
+            return "ONNX Runtime has no int8 GRU kernel"
+        if node.op_type not in selected:
+            return "op type not selected"
+        if node.op_type in self.config.exclude_op_types:
+            return "excluded by op type"
+        matching = next((p.pattern for p in patterns if p.search(node.name or "")), None)
+        return f"excluded by name pattern {matching!r}" if matching else ""
+
+    # -- rule 1 -------------------------------------------------------------------------------
+    def _matmul(self, graph: ir.Graph, node: ir.Node) -> str:
+        activation, weight = node.inputs
+        if not (is_constant(weight) and is_float32(weight)) or len(weight.shape) != 2:
+            return "weight is not a 2-D float32 constant"
+        if not is_float32(activation) or is_constant(activation):
+            return "left operand is not a float32 activation"
+        array = weight.const_value.numpy().astype(np.float32)
+        output = node.outputs[0]
+        result = self._emit_matmul(graph, node, activation, array, weight.name)
+        _take_over(graph, node, output, result)
+        return "int8 DynamicQuantizeMatMul"
+
+    def _emit_matmul(
+        self, graph: ir.Graph, anchor: ir.Node, activation: ir.Value, array: np.ndarray, name: str
+    ) -> ir.Value:
+        """Insert rule 1's chain before ``anchor``; returns its float output."""
+        axis = 1 if self.config.per_channel else None
+        qp = self._weight_qparams(array, axis)
+        w_q = _constant(graph, f"{name}_quantized", quantize(array, qp))
+        w_zp = _constant(graph, f"{name}_zero_point", qp.zero_point)
+        w_scale = _constant(graph, f"{name}_scale", qp.scale)
+        a_q, a_scale, a_zp = (ir.Value(name=f"{name}_input_{part}") for part in ("q", "s", "zp"))
+        product, as_float, scale = (
+            ir.Value(name=f"{name}_{part}") for part in ("int32", "float", "out_scale")
+        )
+        out = ir.Value(name=f"{name}_matmul")
+        graph.insert_before(
+            anchor,
+            [
+                ir.node("DynamicQuantizeLinear", [activation], outputs=[a_q, a_scale, a_zp]),
+                ir.node("MatMulInteger", [a_q, w_q, a_zp, w_zp], outputs=[product]),
+                ir.node("Cast", [product], {"to": ir.DataType.FLOAT}, outputs=[as_float]),
+                ir.node("Mul", [a_scale, w_scale], outputs=[scale]),
+                ir.node("Mul", [as_float, scale], outputs=[out]),
+            ],
+        )
+        return out
+
+    # -- rule 2 -------------------------------------------------------------------------------
+    def _gemm(self, graph: ir.Graph, node: ir.Node) -> str:
+        attrs = node.attributes
+        if _int(attrs, "transA") or _float(attrs, "alpha") != 1 or _float(attrs, "beta") != 1:
+            return "Gemm with transA or alpha/beta != 1"
+        activation, weight = node.inputs[0], node.inputs[1]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if not (is_constant(weight) and is_float32(weight)) or not is_float32(activation):
+            return "weight is not a float32 constant"
+        array = weight.const_value.numpy().astype(np.float32)
+        if _int(attrs, "transB"):
+            array = np.ascontiguousarray(array.T)
+        output = node.outputs[0]
+        result = self._emit_matmul(graph, node, activation, array, weight.name)
+        if bias is not None:
+            biased = ir.Value(name=f"{weight.name}_biased")
+            graph.insert_before(node, ir.node("Add", [result, bias], outputs=[biased]))
+            result = biased
+        _take_over(graph, node, output, result)
+        return "int8 DynamicQuantizeMatMul"
+
+    # -- rule 3 -------------------------------------------------------------------------------
+    def _lstm(self, graph: ir.Graph, node: ir.Node) -> str:
+        attrs = node.attributes
+        if _int(attrs, "layout") or _int(attrs, "input_forget"):
+            return "LSTM with layout=1 or input_forget has no int8 kernel"
+        inputs = list(node.inputs) + [None] * (8 - len(node.inputs))
+        w, r = inputs[1], inputs[2]
+        if not all(is_constant(v) and is_float32(v) for v in (w, r)):
+            return "LSTM weights are not float32 constants"
+        quantized, scales = [], []
+        for value in (w, r):
+            array = np.ascontiguousarray(
+                value.const_value.numpy().astype(np.float32).transpose(0, 2, 1)
+            )  # [dirs, in, 4H]
+            per_direction = [
+                self._weight_qparams(a, 1 if self.config.per_channel else None) for a in array
+            ]
+            levels = np.stack([quantize(a, qp) for a, qp in zip(array, per_direction, strict=True)])
+            scale = np.stack(
+                [np.broadcast_to(qp.scale, per_direction[0].scale.shape) for qp in per_direction]
+            )
+            zero = np.zeros_like(scale, dtype=np.int8)
+            quantized.append(_constant(graph, f"{value.name}_quantized", levels))
+            scales += [
+                _constant(graph, f"{value.name}_scale", scale.astype(np.float32)),
+                _constant(graph, f"{value.name}_zero_point", zero),
+            ]
+        new_inputs = [inputs[0], quantized[0], quantized[1], *inputs[3:8], *scales]
+        copied = {k: v for k, v in attrs.items() if k != "layout"}
+        replacement = ir.Node(
+            MS_DOMAIN,
+            "DynamicQuantizeLSTM",
+            new_inputs,
+            copied.values(),
+            num_outputs=len(node.outputs),
+            name=node.name,
+        )
+        graph.insert_before(node, replacement)
+        for old, new in zip(node.outputs, replacement.outputs, strict=True):
+            _take_over(graph, None, old, new)
+        graph.remove(node, safe=True)
+        _ensure_opset(graph, MS_DOMAIN)
+        return "int8 DynamicQuantizeLSTM"
+
+    def _weight_qparams(self, array: np.ndarray, axis: int | None) -> QParams:
+        return weight_qparams(
+            array, QuantType.INT8, axis=axis, symmetric=True, reduce_range=self.reduce_range
+        )
+
+
+def quantize_dynamic_graph(
+    model: ir.Model, config: QuantConfig, *, reduce_range: bool = False
+) -> list[NodeDecision]:
+    """Function twin of ``DynamicQuantizePass``: rewrites in place, returns the decisions."""
+    rewrite = DynamicQuantizePass(config, reduce_range)
+    rewrite(model)
+    return rewrite.decisions
+
+
+def _take_over(graph: ir.Graph, node: ir.Node | None, old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, keeps its name; ``node`` (if given) is removed."""
+    name = old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if node is not None:
+        graph.remove(node, safe=True)
+    old.name = f"{name}_replaced"
+    new.name = name
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
+    value.type = ir.TensorType(value.const_value.dtype)
+    value.shape = ir.Shape(np.asarray(array).shape)
+    graph.register_initializer(value)
+    return value
+
+
+def _ensure_opset(graph: ir.Graph, domain: str) -> None:
+    graph.opset_imports.setdefault(domain, 1)
+
+
+def _int(attrs: dict, name: str) -> int:
+    return attrs[name].as_int() if name in attrs else 0
+
+
+def _float(attrs: dict, name: str) -> float:
+    return attrs[name].as_float() if name in attrs else 1.0
