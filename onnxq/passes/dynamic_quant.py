@@ -30,6 +30,7 @@ from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
 from onnxq.qparams import QParams, quantize, weight_qparams
 
 MS_DOMAIN = "com.microsoft"
+FLOAT = ir.DataType.FLOAT
 
 
 @dataclass
@@ -100,11 +101,14 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         w_q = _constant(graph, f"{name}_quantized", quantize(array, qp))
         w_zp = _constant(graph, f"{name}_zero_point", qp.zero_point)
         w_scale = _constant(graph, f"{name}_scale", qp.scale)
-        a_q, a_scale, a_zp = (ir.Value(name=f"{name}_input_{part}") for part in ("q", "s", "zp"))
-        product, as_float, scale = (
-            ir.Value(name=f"{name}_{part}") for part in ("int32", "float", "out_scale")
+        a_q, a_scale, a_zp = (
+            _typed(f"{name}_input_{part}", dtype)
+            for part, dtype in (("q", ir.DataType.UINT8), ("s", FLOAT), ("zp", ir.DataType.UINT8))
         )
-        out = ir.Value(name=f"{name}_matmul")
+        product = _typed(f"{name}_int32", ir.DataType.INT32)
+        as_float, scale, out = (
+            _typed(f"{name}_{part}", FLOAT) for part in ("float", "out_scale", "matmul")
+        )
         graph.insert_before(
             anchor,
             [
@@ -132,7 +136,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         output = node.outputs[0]
         result = self._emit_matmul(graph, node, activation, array, weight.name)
         if bias is not None:
-            biased = ir.Value(name=f"{weight.name}_biased")
+            biased = _typed(f"{weight.name}_biased", FLOAT)
             graph.insert_before(node, ir.node("Add", [result, bias], outputs=[biased]))
             result = biased
         _take_over(graph, node, output, result)
@@ -200,11 +204,16 @@ def quantize_dynamic_graph(
 def _take_over(graph: ir.Graph, node: ir.Node | None, old: ir.Value, new: ir.Value) -> None:
     """``new`` replaces ``old`` everywhere, keeps its name; ``node`` (if given) is removed."""
     name = old.name
+    new.type, new.shape = old.type or new.type, old.shape or new.shape
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     if node is not None:
         graph.remove(node, safe=True)
     old.name = f"{name}_replaced"
     new.name = name
+
+
+def _typed(name: str, dtype: ir.DataType) -> ir.Value:
+    return ir.Value(name=name, type=ir.TensorType(dtype))
 
 
 def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

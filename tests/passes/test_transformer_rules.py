@@ -1,0 +1,109 @@
+"""Transformer-aware rules on small encoders exported by both PyTorch exporters.
+
+Nothing here is keyed to node names: the same assertions hold for a torchscript (opset 17) and
+a dynamo (opset 18) export of ``nn.TransformerEncoder``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from support import optimized_op_counts, run
+
+torch = pytest.importorskip("torch")
+
+from onnxq.config import QuantConfig  # noqa: E402
+from onnxq.dynamic import quantize_dynamic_with_report  # noqa: E402
+from onnxq.export import export_torch  # noqa: E402
+from onnxq.pipeline import quantize_with_report  # noqa: E402
+
+SEQ, WIDTH, VOCAB = 12, 64, 500
+
+
+class TinyEncoder(torch.nn.Module):
+    """Embedding + 2 post-LN encoder layers + mean pooling, with outlier channels like BERT."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
+        layer = torch.nn.TransformerEncoderLayer(WIDTH, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        with torch.no_grad():  # a few large channels, as trained transformers have
+            for norm in (m for m in self.modules() if isinstance(m, torch.nn.LayerNorm)):
+                norm.weight[:3] *= 12.0
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.embed(ids)).mean(dim=1)
+
+
+def _ids(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(0, VOCAB, (n, SEQ)).astype(np.int64)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+def encoder(request, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp(request.param) / "encoder.onnx"
+    ids = torch.from_numpy(_ids(np.random.default_rng(1), 2))
+    export_torch(TinyEncoder().eval(), ids, path, exporter=request.param, input_names=["ids"])
+    return path
+
+
+def test_static_keeps_norms_softmax_and_residuals_float(encoder, tmp_path):
+    rng = np.random.default_rng(0)
+    result = quantize_with_report(encoder, {"ids": _ids(rng, 32)}, QuantConfig())
+    quantized = Counter(d.op_type for d in result.report.decisions if d.quantized)
+    assert quantized["MatMul"] + quantized.get("Gemm", 0) >= 8  # q/k/v/out/ffn x 2 layers
+    assert quantized.get("Add", 0) == 0 and quantized.get("Softmax", 0) == 0
+    assert quantized["Gather"] == 1  # the embedding table is stored as int8
+    counts = optimized_op_counts(result.model, tmp_path)
+    assert "QLinearAdd" not in counts and "QLinearSoftmax" not in counts
+    ids = _ids(np.random.default_rng(7), 16)
+    cosine = _cosine(run(encoder, {"ids": ids})[0], run(result.model, {"ids": ids})[0])
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.97
+    assert _float_weights(result.model) <= 0.1 * _float_weights(onnx.load(encoder))
+
+
+def _float_weights(model: onnx.ModelProto) -> int:
+    """Float32 constant elements (weights that were not turned into integers)."""
+    return sum(
+        int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+    )
+
+
+def test_dynamic_fuses_to_integer_matmuls(encoder, tmp_path):
+    result = quantize_dynamic_with_report(encoder)
+    counts = optimized_op_counts(result.model, tmp_path)
+    fused = counts.get("DynamicQuantizeMatMul", 0) + counts.get("MatMulIntegerToFloat", 0)
+    assert fused >= 8
+    assert "MatMulInteger" not in counts  # every chain was fused
+    ids = _ids(np.random.default_rng(7), 16)
+    cosine = _cosine(run(encoder, {"ids": ids})[0], run(result.model, {"ids": ids})[0])
+    assert cosine.mean() >= 0.99
+
+
+def test_smoothing_is_exact_in_float_and_helps_int8(encoder):
+    from onnx_ir import from_proto
+
+    from onnxq.passes.prepare import prepare
+    from onnxq.smoothing import smooth_model
+
+    rng = np.random.default_rng(0)
+    model = prepare(from_proto(onnx.load(encoder)))
+    calib = [{"ids": _ids(rng, 8)} for _ in range(4)]
+    applied = smooth_model(model, calib)
+    assert applied, "outlier channels should be smoothed"
+    from onnx_ir import to_proto
+
+    smoothed = to_proto(model)
+    ids = _ids(np.random.default_rng(7), 8)
+    reference, float_smoothed = run(encoder, {"ids": ids})[0], run(smoothed, {"ids": ids})[0]
+    np.testing.assert_allclose(float_smoothed, reference, rtol=1e-4, atol=1e-4)
