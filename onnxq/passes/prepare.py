@@ -10,6 +10,7 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnxq.passes.canonicalize import SpatialMeanToGlobalPoolPass
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from onnxq.passes.fold_constants import (
     DEFAULT_MAX_SIZE,
@@ -94,8 +95,10 @@ class PreparePass(ir.passes.FunctionalPass):
     3. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
     4. Constant subgraphs folded into initializers (``FoldConstantsPass``).
     5. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
-    6. Shapes inferred (``InferShapesPass``); every node and value gets a unique name (nodes are
-       reported and selected by name); graphs and functions sorted topologically.
+    6. Shapes inferred (``InferShapesPass``).
+    7. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
+    8. Every node and value gets a unique name (nodes are reported and selected by name);
+       graphs and functions sorted topologically.
     """
 
     def __init__(self, min_opset: int = 13, max_size: int = DEFAULT_MAX_SIZE) -> None:
@@ -107,6 +110,7 @@ class PreparePass(ir.passes.FunctionalPass):
             FoldConstantsPass(max_size),
             FoldBatchNormPass(),
             InferShapesPass(),
+            SpatialMeanToGlobalPoolPass(),
             common_passes.NameFixPass(),
             common_passes.TopologicalSortPass(),
         )
