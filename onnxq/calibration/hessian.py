@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from numpy.lib.stride_tricks import sliding_window_view
 
-MAX_COLUMNS = 1 << 15  # patches kept per batch; more are subsampled evenly
+MAX_COLUMNS = 1 << 13  # patches kept per batch; more are subsampled evenly
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def conv_layout(
 
 
 class HessianObserver:
-    """``sum(x x^T)`` over every column seen, per group, accumulated in float64."""
+    """``sum(x x^T)`` over every column seen, per group (float32: ``K x K`` per layer)."""
 
     def __init__(self, layout: InputLayout) -> None:
         self.layout = layout
@@ -103,7 +103,7 @@ class HessianObserver:
     def update(self, values: np.ndarray) -> None:
         cols = self.layout.columns(values)
         cols = np.where(np.isfinite(cols), cols, 0.0).astype(np.float32)
-        outer = np.matmul(cols, cols.transpose(0, 2, 1)).astype(np.float64)
+        outer = np.matmul(cols, cols.transpose(0, 2, 1))
         self.sum = outer if self.sum is None else self.sum + outer
         self.count += cols.shape[2]
 
@@ -116,7 +116,7 @@ class HessianObserver:
     @property
     def hessian(self) -> np.ndarray | None:
         """``E[x x^T]`` per group, ``[groups, K, K]`` (``None`` before any data)."""
-        return None if self.sum is None else self.sum / max(self.count, 1)
+        return None if self.sum is None else self.sum.astype(np.float64) / max(self.count, 1)
 
 
 def _subsample(cols: np.ndarray) -> np.ndarray:
