@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import inspect
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from functools import cache
 from typing import Any
@@ -51,13 +52,15 @@ _CODE_HINTS = (">>>", "::", "...", "e.g", "i.e", " etc", "``")
 def all_sentences() -> tuple[str, ...]:
     """Every kept sentence, deduplicated, in hash order (see the module docstring)."""
     found: set[str] = set()
-    for name in MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError:  # an optional stdlib module missing from this build
-            continue
-        for doc in _docstrings(module):
-            found.update(_sentences(doc))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # e.g. typing.io's docstring
+        for name in MODULES:
+            try:
+                module = importlib.import_module(name)
+            except ImportError:  # an optional stdlib module missing from this build
+                continue
+            for doc in _docstrings(module):
+                found.update(_sentences(doc))
     return tuple(sorted(found, key=_digest))
 
 

@@ -236,4 +236,3 @@ def _verify(
                 f"differs by up to {error:.3g}"
             )
     return worst
-
