@@ -1,6 +1,17 @@
-"""onnxq: calibrated int8 QDQ quantization of ONNX models, measured on ONNX Runtime."""
+"""onnxq: calibrated int8 QDQ quantization of ONNX models, measured on ONNX Runtime.
 
-from onnxq.config import CalibrationMethod, QuantConfig, QuantMode, QuantType
+The one-call API::
+
+    import onnxq
+    quantized = onnxq.quantize("model.onnx", {"input": calibration_images})
+    dynamic = onnxq.quantize_dynamic("model.onnx")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from onnxq.config import CalibrationMethod, QuantConfig, QuantMode, QuantType, WeightRounding
 from onnxq.errors import OnnxqError
 
 __all__ = [
@@ -9,5 +20,30 @@ __all__ = [
     "QuantConfig",
     "QuantMode",
     "QuantType",
+    "WeightRounding",
+    "export_torch",
+    "quantize",
+    "quantize_dynamic",
 ]
 __version__ = "0.1.0"
+
+
+def quantize(model: Any, calibration_data: Any, config: QuantConfig | None = None) -> Any:
+    """Static int8 QDQ quantization (see ``onnxq.pipeline.quantize``)."""
+    from onnxq.pipeline import quantize as run
+
+    return run(model, calibration_data, config)
+
+
+def quantize_dynamic(model: Any, config: QuantConfig | None = None, **options: Any) -> Any:
+    """Int8 weights, activations quantized at run time (see ``onnxq.dynamic``)."""
+    from onnxq.dynamic import quantize_dynamic as run
+
+    return run(model, config, **options)
+
+
+def export_torch(module: Any, example_inputs: Any, path: Any, **options: Any) -> Any:
+    """PyTorch module -> ONNX, checked in ONNX Runtime (see ``onnxq.export``; needs torch)."""
+    from onnxq.export import export_torch as run
+
+    return run(module, example_inputs, path, **options)
