@@ -38,7 +38,8 @@ def test_json_has_every_row(results):
         assert row["x_ort_best"] is not None
         if slug not in ("fp32", "torch-fp32"):
             assert row["quantize_s"] > 0 and row["peak_mb"] > 0
-            assert row["size_x_fp32"] < 0.6  # int8 weights
+            if slug != "onnxq-dynamic":  # dynamic mode leaves a CNN's Convs float, by design
+                assert row["size_x_fp32"] < 0.6  # int8 weights
     assert rows["fp32"]["x_fp32"] == 1.0 and rows["ort-static-best"]["x_ort_best"] == 1.0
 
 
