@@ -35,6 +35,16 @@ class CalibrationMethod(str, enum.Enum):
     MINMAX = "minmax"
     PERCENTILE = "percentile"
     MSE = "mse"
+    ENTROPY = "entropy"
+    MOVING_AVERAGE = "moving_average"
+
+
+class WeightRange(str, enum.Enum):
+    """How a weight channel's range is chosen: its min and max, or the clipped range with the
+    least squared rounding error (``onnxq.calibration.weight_ranges``)."""
+
+    MINMAX = "minmax"
+    MSE = "mse"
 
 
 class WeightRounding(str, enum.Enum):
@@ -57,7 +67,9 @@ class QuantConfig:
     """How to quantize a model.
 
     Attributes:
-        method: activation range method (``minmax`` or ``percentile``).
+        method: activation range method: ``minmax``, ``moving_average`` (EMA of per-batch
+            min/max), ``percentile``, ``entropy`` (least KL divergence) or ``mse``
+            (see ``onnxq.calibration.ranges``).
         percentile: for ``percentile``, the two-sided coverage in percent: the range is
             ``[P(100 - p), P(p)]`` of the observed values (default 99.999).
         per_channel: weights get one scale per output channel (needs opset >= 13).
@@ -73,9 +85,15 @@ class QuantConfig:
         exclude_nodes: regular expressions; a node whose name matches any is left in float.
         batch_size: calibration batch size for sources that are split into batches.
         max_samples: stop calibration after this many samples (``None``: all).
+        averaging_constant: for ``moving_average``, the EMA weight ``c`` of each new batch:
+            ``m <- m + c * (batch_min - m)`` (PyTorch's default 0.01).
+        weight_range: ``minmax`` or ``mse`` (per-channel clipping search) weight ranges.
         quantize_outputs: also quantize tensors that are graph outputs. Off by default:
             MatMul/Gemm keep an int8 kernel with a float output, and the model's
             outputs keep full precision.
+        smooth_alpha: SmoothQuant migration strength for the inputs of weight MatMuls
+            (``None``: off). Static mode smooths from the calibration data; dynamic mode
+            only when given calibration data.
         quantize_embeddings: store embedding tables (Gather of a constant matrix) as int8
             with per-row scales.
     """
@@ -93,8 +111,11 @@ class QuantConfig:
     exclude_nodes: tuple[str, ...] = ()
     batch_size: int = 8
     max_samples: int | None = None
+    averaging_constant: float = 0.01
+    weight_range: WeightRange = WeightRange.MINMAX
     quantize_outputs: bool = False
     quantize_embeddings: bool = True
+    smooth_alpha: float | None = 0.7
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -103,6 +124,7 @@ class QuantConfig:
             ("activation_type", QuantType),
             ("weight_type", QuantType),
             ("weight_rounding", WeightRounding),
+            ("weight_range", WeightRange),
         ):
             value = getattr(self, name)
             try:
@@ -114,6 +136,12 @@ class QuantConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if not 50.0 < self.percentile <= 100.0:
             raise ConfigError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.averaging_constant <= 1.0:
+            raise ConfigError(
+                f"averaging_constant must be in (0, 1], got {self.averaging_constant}"
+            )
+        if self.smooth_alpha is not None and not 0.0 < self.smooth_alpha < 1.0:
+            raise ConfigError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:

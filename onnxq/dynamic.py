@@ -5,6 +5,8 @@ No calibration data: activations are quantized at run time by ``DynamicQuantizeL
 
 from __future__ import annotations
 
+from typing import Any
+
 import onnx
 import onnx_ir as ir
 
@@ -22,15 +24,21 @@ from onnxq.pipeline import (
     refuse_quantized,
     resolve_reduce_range,
 )
+from onnxq.smoothing import smooth_from_data
 
 
-def quantize_dynamic(model: ModelSource, config: QuantConfig | None = None) -> onnx.ModelProto:
-    """Int8 weights (MatMul, Gemm, LSTM, embedding tables), activations quantized at run time."""
-    return quantize_dynamic_with_report(model, config).model
+def quantize_dynamic(
+    model: ModelSource, config: QuantConfig | None = None, *, calibration_data: Any = None
+) -> onnx.ModelProto:
+    """Int8 weights (MatMul, Gemm, LSTM, embedding tables), activations quantized at run time.
+
+    No data is needed; ``calibration_data``, when given, feeds SmoothQuant only.
+    """
+    return quantize_dynamic_with_report(model, config, calibration_data=calibration_data).model
 
 
 def quantize_dynamic_with_report(
-    model: ModelSource, config: QuantConfig | None = None
+    model: ModelSource, config: QuantConfig | None = None, *, calibration_data: Any = None
 ) -> QuantResult:
     """``quantize_dynamic`` plus a ``QuantizationReport`` (``samples`` is 0)."""
     config = config or QuantConfig()
@@ -38,6 +46,9 @@ def quantize_dynamic_with_report(
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
     float_model = prepare(ir.from_proto(proto))
+    notes = []
+    if config.smooth_alpha is not None and calibration_data is not None:
+        notes = smooth_from_data(float_model, calibration_data, config)
     decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
@@ -51,5 +62,6 @@ def quantize_dynamic_with_report(
         reduce_range_reason=reduce_reason,
         config={**config.to_dict(), "mode": "dynamic"},
         cpu=cpu_features().to_dict(),
+        notes=notes,
     )
     return QuantResult(out, report)

@@ -48,7 +48,7 @@ import onnx
 from onnxq.calibration.readers import FeedSource, open_feeds
 from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError
 from onnxq.isa import cpu_features
-from onnxq.model_io import InputSpec, input_specs, load_model
+from onnxq.model_io import InputSpec, atomic_write, input_specs, json_safe, load_model
 from onnxq.runtime import (
     ORT_ERRORS,
     Provider,
@@ -154,7 +154,7 @@ class ComparisonResult:
         def row(m: ModelMeasurement) -> dict[str, Any]:
             return {**asdict(m), "ratios": self.ratios(m)}
 
-        return _json_safe(
+        return json_safe(
             {
                 "fp32": row(self.fp32),
                 "quantized": [row(m) for m in self.quantized],
@@ -776,39 +776,6 @@ def _ratio(value: float, reference: float) -> float | None:
     return value / reference if reference else None
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, (np.floating, np.integer, np.bool_)):
-        return _json_safe(value.item())
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
-def write_json(data: dict[str, Any], path: PathLike) -> Path:
-    """Write ``data`` as indented JSON atomically (temp file in the same folder + rename)."""
-    out = Path(path)
-    text = json.dumps(_json_safe(data), indent=2, allow_nan=False) + "\n"
-    _atomic_write(out, text.encode())
-    return out
-
-
-def _atomic_write(out: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # --- reports -----------------------------------------------------------------------------------
 
 
@@ -922,7 +889,7 @@ def plot(result: ComparisonResult, path: PathLike) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     out = Path(path)
-    _atomic_write(out, buffer.getvalue())
+    atomic_write(out, buffer.getvalue())
     return out
 
 

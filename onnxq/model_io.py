@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -122,7 +125,12 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     """
     out = check_output_path(output)
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    data = proto.SerializeToString()
+    return atomic_write(out, proto.SerializeToString())
+
+
+def atomic_write(output: PathLike, data: bytes) -> Path:
+    """Write ``data`` to a temporary file in the same folder, then rename it into place."""
+    out = Path(output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
     except OSError as exc:
@@ -138,6 +146,27 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return out
+
+
+def write_json(data: Any, output: PathLike) -> Path:
+    """Indented JSON, written atomically; non-finite floats become strings (``"inf"``)."""
+    text = json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n"
+    return atomic_write(output, text.encode())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with numpy scalars, paths and non-finite floats made JSON-ready."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return json_safe(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

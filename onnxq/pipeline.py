@@ -6,28 +6,33 @@ No math and no graph rules live here; each step is a function of its own module.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq.calibration.collect import Observer, observe
-from onnxq.calibration.hessian import HessianObserver
-from onnxq.calibration.observers import HistogramObserver, MinMaxObserver, mse_range
-from onnxq.calibration.readers import open_feeds
-from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRounding
-from onnxq.errors import OnnxqError, UnsupportedModelError
+from onnxq.calibration.cache import RangesFile
+from onnxq.calibration.calibrate import (
+    ALL_METHODS,
+    Calibration,
+    calibrate_plan,
+    calibration_from_ranges,
+)
+from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
+from onnxq.calibration.ranges import observer_kind, range_for
+from onnxq.config import CalibrationMethod, QuantConfig, QuantType
+from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError
 from onnxq.isa import cpu_features
-from onnxq.model_io import input_specs, load_model
+from onnxq.model_io import load_model
+from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
+from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
-from onnxq.passes.weight_rounding import hessian_layout
 from onnxq.qparams import QParams, compute_qparams
+from onnxq.smoothing import smooth_from_data
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 
@@ -49,6 +54,8 @@ class QuantizationReport:
     uncalibrated: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
+    ranges_file: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeDecision]:
@@ -71,113 +78,145 @@ class QuantResult:
 
 
 def quantize(
-    model: ModelSource, calibration_data: Any, config: QuantConfig | None = None
+    model: ModelSource,
+    calibration_data: Any = None,
+    config: QuantConfig | None = None,
+    *,
+    ranges: RangesFile | str | os.PathLike[str] | None = None,
+    workers: int = 1,
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization of ``model`` calibrated on ``calibration_data``.
 
     ``calibration_data`` is any source ``onnxq.calibration.readers.open_feeds`` accepts: an
     ``.npz`` path, a folder, a mapping, an iterable of feed dicts, an ORT-style reader with
-    ``get_next()``, or a torch DataLoader.
+    ``get_next()``, or a torch DataLoader. ``ranges``: a ranges file from ``calibrate`` used
+    instead (no calibration runs). ``workers``: calibration processes (batch ``i`` goes to
+    worker ``i % workers``; the result does not depend on it, except for ``moving_average``).
     """
-    return quantize_with_report(model, calibration_data, config).model
+    return quantize_with_report(
+        model, calibration_data, config, ranges=ranges, workers=workers
+    ).model
 
 
-def quantize_with_report(
+def calibrate(
     model: ModelSource,
     calibration_data: Any,
     config: QuantConfig | None = None,
     *,
+    methods: tuple[CalibrationMethod, ...] = ALL_METHODS,
+    hessians: bool = True,
+    workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Observe the tensors ``quantize`` would calibrate, for later use (``Calibration.save``).
+
+    The statistics serve every method in ``methods`` (default: all, so a ranges file can be
+    quantized with any method); ``hessians`` adds GPTQ's input Hessians. The plan (hence the
+    tensors observed) follows the config's op-type and node filters.
+    """
+    config = config or QuantConfig()
+    float_model, float_proto = _prepared(model)
+    plan = plan_quantization(float_model, config)
+    return calibrate_plan(
+        float_proto,
+        plan,
+        calibration_data,
+        config,
+        methods=methods,
+        hessians=hessians,
+        workers=workers,
+        on_batch=on_batch,
+    )
+
+
+def quantize_with_report(
+    model: ModelSource,
+    calibration_data: Any = None,
+    config: QuantConfig | None = None,
+    *,
+    ranges: RangesFile | str | os.PathLike[str] | None = None,
+    workers: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> QuantResult:
     """``quantize`` plus a ``QuantizationReport``; ``on_batch(samples)`` follows calibration."""
+    if (calibration_data is None) == (ranges is None):
+        raise ConfigError("give calibration data or a ranges file (exactly one of them)")
     config = config or QuantConfig()
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
-    _refuse_quantized(proto)
+    refuse_quantized(proto)
     size_before = proto.ByteSize()
     reduce_range, reduce_reason = resolve_reduce_range(config)
 
-    float_model = prepare(ir.from_proto(proto))
-    float_proto = ir.to_proto(float_model)
+    float_model, float_proto = _prepared(proto)
+    notes: list[str] = []
+    if config.smooth_alpha is not None and calibration_data is not None:
+        notes += smooth_from_data(float_model, calibration_data, config)
+        float_proto = ir.to_proto(float_model)
     plan = plan_quantization(float_model, config)
-    feeds = open_feeds(
-        calibration_data,
-        input_specs(float_proto),
-        batch_size=config.batch_size,
-        max_samples=config.max_samples,
-    )
-    samples = 0
-
-    def count(feed: Mapping[str, np.ndarray]) -> None:
-        nonlocal samples
-        samples = feeds.samples_seen
-        if on_batch is not None:
-            on_batch(samples)
-
-    observers = range_observers(plan.roots, config)
-    hessian_observers = (
-        weight_hessian_observers(plan) if config.weight_rounding is WeightRounding.GPTQ else {}
-    )
-    by_tensor: dict[str, list[Observer]] = {name: [obs] for name, obs in observers.items()}
-    for tensor, observer in hessian_observers.values():
-        by_tensor.setdefault(tensor, []).append(observer)
-    observe(float_proto, by_tensor, feeds, on_batch=count)
-    hessians = {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
-    uncalibrated = sorted(name for name, obs in observers.items() if obs.empty)
+    if ranges is not None:
+        calibration = calibration_from_ranges(ranges, float_proto, plan, config)
+    else:
+        calibration = calibrate_plan(
+            float_proto, plan, calibration_data, config, workers=workers, on_batch=on_batch
+        )
+    uncalibrated = calibration.uncalibrated
     if uncalibrated:
         plan = plan_quantization(float_model, config, skip_tensors=uncalibrated)
-    qparams = {root: activation_qparams(observers[root], config) for root in plan.roots}
+    qparams = {
+        root: activation_qparams(calibration.observer(root, config.method), config)
+        for root in plan.roots
+    }
     quantized = insert_qdq(
-        float_model, plan, qparams, config, reduce_range=reduce_range, hessians=hessians
+        float_model,
+        plan,
+        qparams,
+        config,
+        reduce_range=reduce_range,
+        hessians=calibration.hessians or {},
     )
     decisions = list(plan.decisions)
+    if "LSTM" not in config.exclude_op_types:  # no static LSTM kernel: int8 weights instead
+        decisions += quantize_dynamic_graph(
+            quantized, config.replace(op_types=("LSTM",)), reduce_range=reduce_range
+        )
     if config.quantize_embeddings:
         decisions += quantize_embeddings(quantized)
-    out = ir.to_proto(quantized)
-    _stamp(out, config, reduce_range)
-    try:
-        onnx.checker.check_model(out, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QuantizationError(f"the quantized model fails the ONNX checker: {first}") from None
+    out = finish(quantized, config, reduce_range)
     report = QuantizationReport(
         decisions=decisions,
         size_before=size_before,
         size_after=out.ByteSize(),
-        samples=samples,
+        samples=calibration.samples,
         reduce_range=reduce_range,
         reduce_range_reason=reduce_reason,
         uncalibrated=uncalibrated,
         config=config.to_dict(),
         cpu=cpu_features().to_dict(),
+        ranges_file=None if ranges is None else calibration.source,
+        notes=notes + list(calibration.notes),
     )
     return QuantResult(out, report)
 
 
+def _prepared(model: ModelSource) -> tuple[ir.Model, onnx.ModelProto]:
+    """The clean float graph (``prepare``), as an IR model and as a proto."""
+    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    float_model = prepare(ir.from_proto(proto))
+    return float_model, ir.to_proto(float_model)
+
+
 def range_observers(roots: list[str], config: QuantConfig) -> dict[str, MinMaxObserver]:
-    """One range observer per root tensor: a histogram unless the method is plain min-max."""
-    kind = MinMaxObserver if config.method is CalibrationMethod.MINMAX else HistogramObserver
+    """One range observer per root tensor, of the kind the config's method needs."""
+    kind = observer_kind(config.method)
+    if kind is MovingAverageMinMaxObserver:
+        return {root: kind(config.averaging_constant) for root in roots}
     return {root: kind() for root in roots}
 
 
-def weight_hessian_observers(plan: QuantPlan) -> dict[str, tuple[str, HessianObserver]]:
-    """For each quantized node whose weight GPTQ can round: (input tensor, its observer)."""
-    observers = {}
-    for node, _ in plan.nodes:
-        layout = hessian_layout(node, 1) if len(node.inputs) > 1 else None
-        if layout is not None:
-            observers[node.name] = (node.inputs[0].name, HessianObserver(layout))
-    return observers
-
-
 def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams:
-    """Range from the configured method, then affine (or symmetric int8) qparams."""
-    if config.method is CalibrationMethod.PERCENTILE and isinstance(observer, HistogramObserver):
-        rmin, rmax = observer.percentile_range(config.percentile)
-    elif config.method is CalibrationMethod.MSE and isinstance(observer, HistogramObserver):
-        qmin, qmax = config.activation_type.bounds
-        rmin, rmax = mse_range(observer, qmax - qmin + 1)
-    else:
-        rmin, rmax = observer.min, observer.max
+    """Range from the configured method (``onnxq.calibration.ranges``), then affine (or
+    symmetric int8) qparams."""
+    rmin, rmax = range_for(observer, config)
     return compute_qparams(
         rmin, rmax, config.activation_type, symmetric=config.activation_symmetric
     )
@@ -196,16 +235,46 @@ def resolve_reduce_range(config: QuantConfig) -> tuple[bool, str]:
     return False, "auto: CPU has VNNI (or is not x86), no saturation risk"
 
 
-def _refuse_quantized(model: onnx.ModelProto) -> None:
+QUANTIZED_OPS = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLSTM",
+        "DynamicQuantizeMatMul",
+        "MatMulIntegerToFloat",
+        "QGemm",
+    }
+)
+
+
+def refuse_quantized(model: onnx.ModelProto) -> None:
+    """An already quantized model is refused: onnxq starts from the float model."""
     for node in model.graph.node:
-        if node.op_type in {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "MatMulInteger"}:
+        if node.op_type in QUANTIZED_OPS:
             raise UnsupportedModelError(
                 f"the model is already quantized (node {node.name or node.op_type!r} is "
                 f"{node.op_type}); give onnxq the float model"
             )
 
 
-def _stamp(model: onnx.ModelProto, config: QuantConfig, reduce_range: bool) -> None:
+def finish(model: ir.Model, config: QuantConfig, reduce_range: bool) -> onnx.ModelProto:
+    """Serialise, record provenance, and check with ``full_check`` (a failure is our bug)."""
+    out = ir.to_proto(model)
+    stamp_provenance(out, config, reduce_range)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise QuantizationError(f"the quantized model fails the ONNX checker: {first}") from None
+    return out
+
+
+def stamp_provenance(model: onnx.ModelProto, config: QuantConfig, reduce_range: bool) -> None:
     """Record provenance in the model's metadata."""
     import json
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import observe
+from onnxq.calibration.readers import open_feeds
+from onnxq.config import QuantConfig
+from onnxq.model_io import input_specs
 from onnxq.passes.smooth_quant import ChannelStatsObserver, SmoothQuantPass, smoothing_groups
 
 
@@ -26,3 +30,23 @@ def smooth_model(
     smooth = SmoothQuantPass(stats, alpha)
     smooth(model)
     return smooth.applied
+
+
+def smooth_from_data(model: ir.Model, calibration_data: Any, config: QuantConfig) -> list[str]:
+    """SmoothQuant from a calibration source (one extra pass; it must be re-iterable)."""
+    feeds = open_feeds(
+        calibration_data,
+        input_specs(ir.to_proto(model)),
+        batch_size=config.batch_size,
+        max_samples=config.max_samples,
+    )
+    if not feeds.reiterable:
+        return ["SmoothQuant skipped: the calibration source can be read only once"]
+    applied = smooth_model(model, feeds, alpha=config.smooth_alpha)
+    if not applied:
+        return []
+    folded = sum(how.startswith("folded") for _, how in applied)
+    return [
+        f"SmoothQuant (alpha {config.smooth_alpha}): {len(applied)} MatMul inputs smoothed, "
+        f"{folded} folded into their producer, {len(applied) - folded} with a Mul"
+    ]

@@ -3,12 +3,17 @@
 The copy lists every observed tensor as a graph output; ONNX Runtime runs it with graph
 optimisations off (so every tensor keeps its name and float value). One batch is in memory at a
 time: its activations are folded into the observers and dropped before the next batch runs.
+
+``collect_shard`` is the unit of distributed work: a plain function of picklable arguments
+(serialised model, fresh observers per tensor, an iterable of feeds) returning the filled
+observers. ``onnxq.calibration.parallel`` runs one per worker process and merges the results;
+a cluster engine could run the same function remotely (e.g. ``ray.remote(collect_shard)``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import onnx
@@ -40,33 +45,55 @@ def augment_outputs(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx
     return augmented
 
 
-def make_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    """A CPU session that runs the graph as written (no fusion, no constant folding)."""
+def make_session(
+    model: onnx.ModelProto | bytes, *, threads: int | None = None
+) -> ort.InferenceSession:
+    """A CPU session that runs the graph as written (no fusion, no constant folding).
+
+    ``threads`` sets ``intra_op_num_threads`` (``None``: ONNX Runtime's default, every core).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
 
 
 class Observer(Protocol):
-    """Anything that folds in a tensor's value, one batch at a time."""
+    """Anything that folds in a tensor's value, one batch at a time, and merges."""
 
     def update(self, values: np.ndarray) -> object: ...
 
+    def merge(self, other: object) -> None: ...
+
+
+Plan = TypeVar("Plan", bound=Mapping[str, Sequence[Observer]])
+
 
 def observe(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | bytes,
     observers: Mapping[str, Sequence[Observer]],
     feeds: Iterable[Feed],
     *,
     on_batch: Callable[[Feed], None] | None = None,
+    threads: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Run every feed and hand each named tensor's value to its observers."""
+    """Run every feed and hand each named tensor's value to its observers.
+
+    ``shard = (k, n)``: these feeds are batches ``k, k + n, k + 2n, ...`` of the whole stream
+    (only used to number batches in error messages).
+    """
     names = list(observers)
-    session = make_session(augment_outputs(model, names)) if names else None
-    for index, feed in enumerate(feeds):
+    if isinstance(model, bytes):
+        model = onnx.load_from_string(model)
+    session = make_session(augment_outputs(model, names), threads=threads) if names else None
+    first, step = shard
+    for local, feed in enumerate(feeds):
+        index = first + local * step
         if session is None:  # nothing to observe: the feeds are still read and validated
             if on_batch is not None:
                 on_batch(feed)
@@ -81,6 +108,27 @@ def observe(
                 observer.update(value)
         if on_batch is not None:
             on_batch(feed)
+
+
+def collect_shard(
+    model_bytes: bytes,
+    tensor_plan: Plan,
+    shard_feeds: Iterable[Feed],
+    *,
+    shard: tuple[int, int] = (0, 1),
+    threads: int | None = None,
+    on_batch: Callable[[Feed], None] | None = None,
+) -> Plan:
+    """Observe one shard of the calibration batches and return ``tensor_plan``, filled.
+
+    ``tensor_plan`` maps tensor names to fresh observers; run remotely it arrives as a pickled
+    copy and the filled copy is what comes back. Merging every shard's result into one plan
+    (observer by observer, ``a.merge(b)``) gives what one pass over all batches would: exactly
+    for min-max and histogram counts. Runs anywhere the arguments can be pickled to: a
+    ``multiprocessing`` worker (``onnxq.calibration.parallel``) or a cluster task.
+    """
+    observe(model_bytes, tensor_plan, shard_feeds, on_batch=on_batch, threads=threads, shard=shard)
+    return tensor_plan
 
 
 def collect(

@@ -21,8 +21,8 @@ from onnxq.runtime import Provider
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 def command(model: Path, provider: str, json_path: Path | None) -> None:
     """Count what ORT runs for MODEL after its graph optimizations (int8 / float / Q/DQ)."""
-    from onnxq.evaluate import write_json
     from onnxq.inspect import format_inspect, inspect_model
+    from onnxq.model_io import write_json
 
     if json_path is not None:
         check_output_path(json_path, model)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
 
 import click
 
-from onnxq.config import CalibrationMethod, QuantConfig, QuantType
-from onnxq.model_io import check_output_path, save_model
+from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRange, WeightRounding
+from onnxq.errors import ConfigError
+from onnxq.model_io import check_output_path, save_model, write_json
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...]:
@@ -23,10 +24,37 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
     "--calib",
-    required=True,
     type=click.Path(path_type=Path),
     help=".npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
 )
+@click.option(
+    "--ranges",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ranges file from `onnxq calibrate`: skips calibration (instead of --calib).",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["static", "dynamic"]),
+    default="static",
+    show_default=True,
+    help="dynamic: int8 weights, activations quantized at run time (--calib optional: it "
+    "only feeds SmoothQuant).",
+)
+@click.option(
+    "--weight-rounding",
+    type=click.Choice([r.value for r in WeightRounding]),
+    default="gptq",
+    show_default=True,
+    help="gptq: error-compensating rounding from calibration data; nearest: plain rounding.",
+)
+@click.option(
+    "--smooth-alpha",
+    type=float,
+    default=0.7,
+    show_default=True,
+    help="SmoothQuant strength for weight-MatMul inputs (with --calib).",
+)
+@click.option("--no-smooth", is_flag=True, help="Turn SmoothQuant off.")
 @click.option(
     "--method",
     type=click.Choice([m.value for m in CalibrationMethod]),
@@ -34,6 +62,20 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     show_default=True,
 )
 @click.option("--percentile", type=float, default=99.999, show_default=True)
+@click.option(
+    "--averaging-constant",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="EMA weight of each batch for --method moving_average.",
+)
+@click.option(
+    "--weight-range",
+    type=click.Choice([r.value for r in WeightRange]),
+    default="minmax",
+    show_default=True,
+    help="Per-channel weight ranges: min-max, or clipped for least squared error.",
+)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True)
 @click.option(
     "--activation-type",
@@ -54,6 +96,13 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--max-samples", type=int, default=None)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calibration processes (batch i goes to worker i mod N).",
+)
 @click.option("--op-types", multiple=True, help="Only quantize these op types (comma-separated).")
 @click.option("--exclude-op-types", multiple=True, help="Op types left in float.")
 @click.option("--exclude-nodes", multiple=True, help="Regex on node names left in float.")
@@ -66,32 +115,49 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 def command(
     model: Path,
     output: Path,
-    calib: Path,
+    calib: Path | None,
+    ranges: Path | None,
+    mode: str,
+    weight_rounding: str,
+    smooth_alpha: float,
+    no_smooth: bool,
     method: str,
     percentile: float,
+    averaging_constant: float,
+    weight_range: str,
     per_channel: bool,
     activation_type: str,
     weight_type: str,
     reduce_range: bool | None,
     batch_size: int,
     max_samples: int | None,
+    workers: int,
     op_types: tuple[str, ...],
     exclude_op_types: tuple[str, ...],
     exclude_nodes: tuple[str, ...],
     quantize_outputs: bool,
     summary_json: Path | None,
 ) -> None:
-    """Static int8 QDQ quantization of MODEL calibrated on --calib data."""
+    """Int8 quantization of MODEL: static QDQ calibrated on --calib data (or --ranges), or
+    --mode dynamic."""
     from tqdm import tqdm
 
+    from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.pipeline import quantize_with_report
 
-    check_output_path(output, model)
+    if mode == "static" and (calib is None) == (ranges is None):
+        raise ConfigError("give --calib DATA or --ranges FILE (exactly one)")
+    if mode == "dynamic" and ranges is not None:
+        raise ConfigError("--ranges applies to static mode only")
+    sources = [path for path in (model, calib, ranges) if path is not None]
+    check_output_path(output, *sources)
     if summary_json is not None:
-        check_output_path(summary_json, model, output)
+        check_output_path(summary_json, output, *sources)
     config = QuantConfig(
         method=method,
         percentile=percentile,
+        averaging_constant=averaging_constant,
+        weight_range=weight_range,
         per_channel=per_channel,
         activation_type=activation_type,
         weight_type=weight_type,
@@ -102,25 +168,48 @@ def command(
         batch_size=batch_size,
         max_samples=max_samples,
         quantize_outputs=quantize_outputs,
+        weight_rounding=weight_rounding,
+        smooth_alpha=None if no_smooth else smooth_alpha,
     )
+    if mode == "dynamic":
+        result = quantize_dynamic_with_report(model, config, calibration_data=calib)
+        save_model(result.model, output)
+        _report(result.report.to_dict(), output, summary_json)
+        return
     with tqdm(
-        desc="calibrating", unit="sample", file=sys.stderr, disable=None, total=max_samples
+        desc="calibrating",
+        unit="sample",
+        file=sys.stderr,
+        disable=None if ranges is None else True,
+        total=max_samples,
     ) as bar:
         result = quantize_with_report(
-            model, calib, config, on_batch=lambda n: bar.update(n - bar.n)
+            model,
+            calib,
+            config,
+            ranges=ranges,
+            workers=workers,
+            on_batch=lambda n: bar.update(n - bar.n),
         )
     save_model(result.model, output)
-    report = result.report
-    click.echo(_summary(report.to_dict(), output))
+    _report(result.report.to_dict(), output, summary_json)
+
+
+def _report(report: dict, output: Path, summary_json: Path | None) -> None:
+    click.echo(_summary(report, output))
     if summary_json is not None:
-        summary_json.write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        write_json(report, summary_json)
 
 
 def _summary(report: dict, output: Path) -> str:
     """A few lines: what was quantized, what stayed float and why, size before and after."""
     quantized = [d for d in report["decisions"] if d["quantized"]]
     kernels = Counter(d["op_type"] for d in quantized)
-    floats = Counter((d["op_type"], d["reason"]) for d in report["decisions"] if not d["quantized"])
+    floats = Counter(
+        (d["op_type"], re.sub(r"'[^']*'", "'...'", d["reason"]))
+        for d in report["decisions"]
+        if not d["quantized"]
+    )
     lines = [
         f"quantized {len(quantized)} nodes: "
         + ", ".join(f"{op} x{n}" for op, n in kernels.most_common())
@@ -132,10 +221,15 @@ def _summary(report: dict, output: Path) -> str:
     lines.append(f"size: {_mb(before)} -> {_mb(after)} ({100 * after / before:.1f}%)")
     config = report["config"]
     reduce = "on" if report["reduce_range"] else "off"
-    lines.append(
-        f"calibration: {report['samples']} samples, {config['method']}; "
-        f"reduce_range {reduce} ({report['reduce_range_reason']})"
-    )
+    source = f"from {report['ranges_file']} " if report.get("ranges_file") else ""
+    if config.get("mode") == "dynamic":
+        lines.append(f"dynamic: reduce_range {reduce} ({report['reduce_range_reason']})")
+    else:
+        lines.append(
+            f"calibration: {source}{report['samples']} samples, {config['method']}; "
+            f"reduce_range {reduce} ({report['reduce_range_reason']})"
+        )
+    lines += [f"note: {note}" for note in report.get("notes", [])]
     if report["uncalibrated"]:
         skipped = ", ".join(report["uncalibrated"])
         lines.append(f"no finite calibration values, left float: {skipped}")

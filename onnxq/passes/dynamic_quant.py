@@ -48,14 +48,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         graph = model.graph
         patterns = [re.compile(p) for p in self.config.exclude_nodes]
         selected = set(self.config.op_types) or {"MatMul", "Gemm", "LSTM"}
+        considered = set(self.config.op_types) or {"MatMul", "Gemm", "LSTM", "Conv", "GRU"}
         for index, node in enumerate(list(graph)):
-            if node.domain not in ("", "ai.onnx") or node.op_type not in (
-                "MatMul",
-                "Gemm",
-                "LSTM",
-                "Conv",
-                "GRU",
-            ):
+            if node.domain not in ("", "ai.onnx") or node.op_type not in considered:
                 continue
             label = node_label(node, index)
             reason = self._decline_reason(node, selected, patterns)
@@ -82,7 +77,9 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     # -- rule 1 -------------------------------------------------------------------------------
     def _matmul(self, graph: ir.Graph, node: ir.Node) -> str:
         activation, weight = node.inputs
-        if not (is_constant(weight) and is_float32(weight)) or len(weight.shape) != 2:
+        if not is_constant(weight):
+            return "no constant weight (activation x activation)"
+        if not is_float32(weight) or len(weight.shape) != 2:
             return "weight is not a 2-D float32 constant"
         if not is_float32(activation) or is_constant(activation):
             return "left operand is not a float32 activation"

@@ -21,11 +21,12 @@ from collections.abc import Mapping
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibration.weight_ranges import weight_qparams_for
 from onnxq.config import QuantConfig, QuantType
 from onnxq.passes.op_rules import OpRule, weight_axis
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
 from onnxq.passes.weight_rounding import round_weight
-from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias, weight_qparams
+from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
@@ -191,6 +192,7 @@ class _Rewriter:
         array = weight.const_value.numpy().astype(np.float32)
         axis = weight_axis(node, index, array.ndim) if self.config.per_channel else None
         symmetric = self.config.weight_type is QuantType.INT8
+        weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
         qp = weight_qparams(
             array,
             self.config.weight_type,

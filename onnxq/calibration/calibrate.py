@@ -1,0 +1,207 @@
+"""One calibration run over a prepared float model, or the same statistics read from a file.
+
+``calibrate_plan`` observes the plan's root tensors (and, for GPTQ, the inputs of the weighted
+nodes) over the calibration data, in this process or over worker processes, and returns a
+``Calibration``. ``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after
+checking it belongs to this model and holds what the configured method needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnxq.calibration.cache import RangesFile, load_ranges, model_fingerprint, save_ranges
+from onnxq.calibration.collect import Feed, Observer
+from onnxq.calibration.hessian import HessianObserver
+from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
+from onnxq.calibration.parallel import collect_observers
+from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
+from onnxq.calibration.readers import open_feeds
+from onnxq.config import CalibrationMethod, QuantConfig, WeightRounding
+from onnxq.errors import RangesError
+from onnxq.model_io import input_specs
+from onnxq.passes.plan import QuantPlan
+from onnxq.passes.weight_rounding import hessian_layout
+
+ALL_METHODS = tuple(CalibrationMethod)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Observed statistics of a prepared float model.
+
+    ``observers``: per root tensor, the range observers (``ranges.pick_observer`` finds the
+    one a method needs). ``hessians``: GPTQ's ``E[x x^T]`` per node name, ``None`` when not
+    collected. ``notes``: what the caller should be told (e.g. a rounding fallback).
+    """
+
+    fingerprint: str
+    observers: dict[str, list[MinMaxObserver]]
+    hessians: dict[str, np.ndarray] | None
+    samples: int
+    batches: int
+    source: str = "calibration data"
+    notes: tuple[str, ...] = ()
+
+    def observer(self, root: str, method: CalibrationMethod) -> MinMaxObserver:
+        found = pick_observer(self.observers[root], method)
+        if found is None:
+            raise RangesError(f"no {observer_kind(method).kind} statistics for {root!r}")
+        return found
+
+    @property
+    def uncalibrated(self) -> list[str]:
+        """Roots that saw no finite value."""
+        return sorted(name for name, group in self.observers.items() if group[0].empty)
+
+    def save(self, path: str | os.PathLike[str], details: dict[str, Any]) -> list[Path]:
+        """Write a ranges file (plus its Hessians companion when collected)."""
+        return save_ranges(
+            path,
+            fingerprint=self.fingerprint,
+            tensors=self.observers,
+            samples=self.samples,
+            batches=self.batches,
+            hessians=self.hessians,
+            details=details,
+        )
+
+
+def weight_hessian_observers(plan: QuantPlan) -> dict[str, tuple[str, HessianObserver]]:
+    """For each quantized node whose weight GPTQ can round: (input tensor, its observer)."""
+    observers = {}
+    for node, _ in plan.nodes:
+        layout = hessian_layout(node, 1) if len(node.inputs) > 1 else None
+        if layout is not None:
+            observers[node.name] = (node.inputs[0].name, HessianObserver(layout))
+    return observers
+
+
+def calibrate_plan(
+    float_proto: onnx.ModelProto,
+    plan: QuantPlan,
+    calibration_data: Any,
+    config: QuantConfig,
+    *,
+    methods: Sequence[CalibrationMethod] | None = None,
+    hessians: bool | None = None,
+    workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> Calibration:
+    """Observe ``plan.roots`` over the data.
+
+    ``methods``: the range methods the statistics must serve (default: the config's).
+    ``hessians``: also collect GPTQ Hessians (default: when the config rounds with GPTQ).
+    ``on_batch(samples)`` follows progress: samples of the batches observed so far.
+    """
+    methods = (config.method,) if methods is None else tuple(methods)
+    if hessians is None:
+        hessians = config.weight_rounding is WeightRounding.GPTQ
+    observers = {root: observers_for(methods, config.averaging_constant) for root in plan.roots}
+    hessian_observers = weight_hessian_observers(plan) if hessians else {}
+    by_tensor: dict[str, list[Observer]] = {name: list(group) for name, group in observers.items()}
+    for tensor, observer in hessian_observers.values():
+        by_tensor.setdefault(tensor, []).append(observer)
+    feeds = open_feeds(
+        calibration_data,
+        input_specs(float_proto),
+        batch_size=config.batch_size,
+        max_samples=config.max_samples,
+    )
+    sizes: dict[int, int] = {}  # samples of each batch sent but not yet observed
+    done = sent = 0
+
+    def batches() -> Iterator[Feed]:
+        nonlocal sent
+        before = 0
+        for feed in feeds:
+            sizes[sent], before = feeds.samples_seen - before, feeds.samples_seen
+            sent += 1
+            yield feed
+
+    def progress(index: int) -> None:
+        nonlocal done
+        done += sizes.pop(index)
+        if on_batch is not None:
+            on_batch(done)
+
+    collect_observers(float_proto, by_tensor, batches(), workers=workers, on_batch=progress)
+    return Calibration(
+        fingerprint=model_fingerprint(float_proto),
+        observers=observers,
+        hessians=(
+            {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
+            if hessians
+            else None
+        ),
+        samples=feeds.samples_seen,
+        batches=sent,
+    )
+
+
+def calibration_from_ranges(
+    ranges: RangesFile | str | os.PathLike[str],
+    float_proto: onnx.ModelProto,
+    plan: QuantPlan,
+    config: QuantConfig,
+) -> Calibration:
+    """The statistics of a ranges file, checked against this model and configuration.
+
+    GPTQ uses the file's Hessians; without them (``onnxq calibrate --no-hessians``) weights
+    round to nearest and ``notes`` says so.
+    """
+    file = ranges if isinstance(ranges, RangesFile) else load_ranges(ranges)
+    file.check_model(model_fingerprint(float_proto))
+    missing = [root for root in plan.roots if root not in file.tensors]
+    if missing:
+        listed = ", ".join(repr(name) for name in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise RangesError(
+            f"{file.path}: no statistics for {listed}{more}, which this configuration "
+            "quantizes; calibrate with the same --op-types/--exclude-* options"
+        )
+    method = config.method
+    observers = {}
+    for root in plan.roots:
+        observer = pick_observer(file.tensors[root], method)
+        if observer is None:
+            kinds = ", ".join(obs.kind for obs in file.tensors[root])
+            raise RangesError(
+                f"{file.path}: --method {method.value} needs {observer_kind(method).kind} "
+                f"statistics, the file has {kinds}; run `onnxq calibrate` without --method"
+            )
+        if (
+            isinstance(observer, MovingAverageMinMaxObserver)
+            and method is CalibrationMethod.MOVING_AVERAGE
+            and observer.averaging_constant != config.averaging_constant
+        ):
+            raise RangesError(
+                f"{file.path}: moving averages were taken with averaging constant "
+                f"{observer.averaging_constant}, not {config.averaging_constant}; pass "
+                f"--averaging-constant {observer.averaging_constant} or calibrate again"
+            )
+        observers[root] = [observer]
+    hessians, notes = None, []
+    if config.weight_rounding is WeightRounding.GPTQ:
+        hessians = file.hessians()
+        if hessians is None:
+            notes.append(
+                f"GPTQ fell back to nearest rounding: {file.path.name} has no Hessians "
+                "(calibrated with --no-hessians)"
+            )
+    return Calibration(
+        fingerprint=file.fingerprint,
+        observers=observers,
+        hessians=hessians,
+        samples=file.samples,
+        batches=file.batches,
+        source=str(file.path),
+        notes=tuple(notes),
+    )

@@ -1,0 +1,87 @@
+"""Weight ranges (pure numpy): per-channel min-max, or the per-channel clipping with least error.
+
+``mse_weight_qparams`` searches, independently for every channel ``c`` along ``axis``, the
+clip ratio ``alpha`` in ``1, 1 - 1/candidates, ..., lowest`` whose range ``alpha * [min_c,
+max_c]`` minimises the real rounding error of that channel::
+
+    err_c(alpha) = sum_i (w_ci - dequantize(quantize(w_ci)))**2
+
+with the exact float32 quantize/dequantize arithmetic of ``onnxq.qparams`` (scales, zero
+points and saturation at the type's bounds included). ``alpha = 1`` is min-max, and ties keep
+the larger ``alpha``, so a channel without outliers keeps its min-max range. With 8-bit levels
+clipping pays only for channels with many values and rare large ones (the rounding error of
+``n`` values, ``n s**2 / 12``, must outweigh the clipped values' squared excess).
+
+With ``reduce_range`` the ranges stay min-max: weights outside a clipped range would be
+rounded to levels beyond the 7-bit bounds (quantization saturates at the 8-bit type's
+bounds), undoing what ``reduce_range`` is for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from onnxq.config import QuantType, WeightRange
+from onnxq.qparams import QParams, compute_qparams, weight_qparams
+
+WeightQParams = Callable[..., QParams]
+
+
+def weight_qparams_for(method: WeightRange) -> WeightQParams:
+    """The qparams function of a weight-range method (same signature as ``weight_qparams``)."""
+    return mse_weight_qparams if WeightRange(method) is WeightRange.MSE else weight_qparams
+
+
+def mse_weight_qparams(
+    weight: np.ndarray,
+    qtype: QuantType,
+    *,
+    axis: int | None,
+    symmetric: bool,
+    reduce_range: bool = False,
+    candidates: int = 100,
+    lowest: float = 0.3,
+) -> QParams:
+    """QParams of ``weight`` (per channel along ``axis``, or per tensor) with MSE clipping."""
+    weight = np.asarray(weight, dtype=np.float32)
+    if reduce_range:
+        return weight_qparams(weight, qtype, axis=axis, symmetric=symmetric, reduce_range=True)
+    rows = _rows(weight, axis)
+    rmin = np.minimum(rows.min(axis=1), 0.0).astype(np.float64)
+    rmax = np.maximum(rows.max(axis=1), 0.0).astype(np.float64)
+    alphas = np.arange(candidates, int(np.ceil(lowest * candidates)) - 1, -1) / candidates
+    best_alpha = np.ones(rows.shape[0])
+    best_error = np.full(rows.shape[0], np.inf)
+    for alpha in alphas:
+        qp = compute_qparams(
+            alpha * rmin, alpha * rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
+        )
+        error = _rounding_error(rows, qp)
+        better = error < best_error
+        best_alpha = np.where(better, alpha, best_alpha)
+        best_error = np.where(better, error, best_error)
+    qp = compute_qparams(
+        best_alpha * rmin, best_alpha * rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
+    )
+    if axis is None:
+        return QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), None)
+    return QParams(qp.scale, qp.zero_point, axis)
+
+
+def _rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """``[channels, values]``: one row per channel along ``axis`` (one row when per tensor)."""
+    if axis is None:
+        return weight.reshape(1, -1)
+    return np.moveaxis(weight, axis % weight.ndim, 0).reshape(weight.shape[axis], -1)
+
+
+def _rounding_error(rows: np.ndarray, qp: QParams) -> np.ndarray:
+    """Per-row ``sum((x - dequantize(quantize(x)))**2)`` with per-row scale and zero point."""
+    qmin, qmax = qp.qmin, qp.qmax
+    scale = qp.scale.reshape(-1, 1)
+    zero = qp.zero_point.astype(np.float32).reshape(-1, 1)
+    q = np.clip(np.rint(rows / scale) + zero, qmin, qmax)
+    diff = rows - (q - zero) * scale
+    return np.einsum("ij,ij->i", diff, diff, dtype=np.float64)

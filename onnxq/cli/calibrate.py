@@ -1,0 +1,128 @@
+"""``onnxq calibrate``: observe a model's activations once, write a reusable ranges file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from onnxq.config import CalibrationMethod, QuantConfig
+from onnxq.model_io import check_output_path
+
+
+def _split(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
+
+
+@click.command("calibrate")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Ranges file (JSON) to write; GPTQ Hessians go next to it as <stem>.hessians.npz.",
+)
+@click.option(
+    "--calib",
+    required=True,
+    type=click.Path(path_type=Path),
+    help=".npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
+)
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in CalibrationMethod]),
+    default=None,
+    help="Record only what this method needs. Default: histograms and moving averages, so "
+    "`onnxq quantize --ranges` can use any method and percentile.",
+)
+@click.option("--averaging-constant", type=float, default=0.01, show_default=True)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calibration processes (batch i goes to worker i mod N; same statistics).",
+)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--max-samples", type=int, default=None)
+@click.option(
+    "--hessians/--no-hessians",
+    default=True,
+    show_default=True,
+    help="Also record GPTQ's input Hessians (large); without them GPTQ rounds to nearest.",
+)
+@click.option("--op-types", multiple=True, help="Only quantize these op types (comma-separated).")
+@click.option("--exclude-op-types", multiple=True, help="Op types left in float.")
+@click.option("--exclude-nodes", multiple=True, help="Regex on node names left in float.")
+@click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs.")
+def command(
+    model: Path,
+    output: Path,
+    calib: Path,
+    method: str | None,
+    averaging_constant: float,
+    workers: int,
+    batch_size: int,
+    max_samples: int | None,
+    hessians: bool,
+    op_types: tuple[str, ...],
+    exclude_op_types: tuple[str, ...],
+    exclude_nodes: tuple[str, ...],
+    quantize_outputs: bool,
+) -> None:
+    """Observe MODEL's activations on --calib data and write their statistics to -o."""
+    from tqdm import tqdm
+
+    from onnxq.calibration.cache import hessians_path
+    from onnxq.calibration.calibrate import ALL_METHODS
+    from onnxq.pipeline import calibrate
+
+    check_output_path(output, model, calib)
+    if hessians:
+        check_output_path(hessians_path(output), model, calib)
+    config = QuantConfig(
+        averaging_constant=averaging_constant,
+        op_types=_split(op_types),
+        exclude_op_types=_split(exclude_op_types),
+        exclude_nodes=exclude_nodes,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        quantize_outputs=quantize_outputs,
+    )
+    methods = ALL_METHODS if method is None else (CalibrationMethod(method),)
+    with tqdm(
+        desc="calibrating", unit="sample", file=sys.stderr, disable=None, total=max_samples
+    ) as bar:
+        result = calibrate(
+            model,
+            calib,
+            config,
+            methods=methods,
+            hessians=hessians,
+            workers=workers,
+            on_batch=lambda n: bar.update(n - bar.n),
+        )
+    details = {
+        "config": config.to_dict(),
+        "methods": [m.value for m in methods],
+        "workers": workers,
+        "source": str(calib),
+    }
+    written = result.save(output, details)
+    kinds = sorted({obs.kind for group in result.observers.values() for obs in group})
+    lines = [
+        f"observed {len(result.observers)} tensors over {result.samples} samples "
+        f"({result.batches} batches, {workers} worker{'s' if workers > 1 else ''}): "
+        + ", ".join(kinds)
+    ]
+    if result.uncalibrated:
+        lines.append(f"no finite values (will stay float): {', '.join(result.uncalibrated)}")
+    for path in written:
+        lines.append(f"wrote {path} ({_size(path.stat().st_size)})")
+    click.echo("\n".join(lines))
+
+
+def _size(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
