@@ -159,9 +159,33 @@ def quantize_with_report(
         calibration = calibrate_plan(
             float_proto, plan, calibration_data, config, workers=workers, on_batch=on_batch
         )
-    uncalibrated = calibration.uncalibrated
-    if uncalibrated:
-        plan = plan_quantization(float_model, config, skip_tensors=uncalibrated)
+    out, decisions = build_quantized(float_proto, calibration, config, reduce_range)
+    report = QuantizationReport(
+        decisions=decisions,
+        size_before=size_before,
+        size_after=out.ByteSize(),
+        samples=calibration.samples,
+        reduce_range=reduce_range,
+        reduce_range_reason=reduce_reason,
+        uncalibrated=calibration.uncalibrated,
+        config=config.to_dict(),
+        cpu=cpu_features().to_dict(),
+        ranges_file=None if ranges is None else calibration.source,
+        notes=notes + list(calibration.notes),
+    )
+    return QuantResult(out, report)
+
+
+def build_quantized(
+    float_proto: onnx.ModelProto,
+    calibration: Calibration,
+    config: QuantConfig,
+    reduce_range: bool,
+) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """Plan, qparams, Q/DQ insertion, LSTM and embedding weights, check: one quantized model
+    from a prepared float model and its calibration (cheap enough to call once per variant)."""
+    float_model = ir.from_proto(float_proto)
+    plan = plan_quantization(float_model, config, skip_tensors=calibration.uncalibrated)
     qparams = {
         root: activation_qparams(calibration.observer(root, config.method), config)
         for root in plan.roots
@@ -181,21 +205,7 @@ def quantize_with_report(
         )
     if config.quantize_embeddings:
         decisions += quantize_embeddings(quantized)
-    out = finish(quantized, config, reduce_range)
-    report = QuantizationReport(
-        decisions=decisions,
-        size_before=size_before,
-        size_after=out.ByteSize(),
-        samples=calibration.samples,
-        reduce_range=reduce_range,
-        reduce_range_reason=reduce_reason,
-        uncalibrated=uncalibrated,
-        config=config.to_dict(),
-        cpu=cpu_features().to_dict(),
-        ranges_file=None if ranges is None else calibration.source,
-        notes=notes + list(calibration.notes),
-    )
-    return QuantResult(out, report)
+    return finish(quantized, config, reduce_range), decisions
 
 
 def _prepared(model: ModelSource) -> tuple[ir.Model, onnx.ModelProto]:
