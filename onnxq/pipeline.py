@@ -181,11 +181,17 @@ def build_quantized(
     calibration: Calibration,
     config: QuantConfig,
     reduce_range: bool,
+    rounded: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
     """Plan, qparams, Q/DQ insertion, LSTM and embedding weights, check: one quantized model
-    from a prepared float model and its calibration (cheap enough to call once per variant)."""
+    from a prepared float model and its calibration. ``rounded`` memoises integer weights
+    across calls, so variants of one model round each weight once."""
     float_model = ir.from_proto(float_proto)
-    plan = plan_quantization(float_model, config, skip_tensors=calibration.uncalibrated)
+    skip = set(calibration.uncalibrated)
+    plan = plan_quantization(float_model, config, skip_tensors=skip)
+    while missing := set(plan.roots) - set(calibration.observers):  # not observed: stay float
+        skip |= missing
+        plan = plan_quantization(float_model, config, skip_tensors=skip)
     qparams = {
         root: activation_qparams(calibration.observer(root, config.method), config)
         for root in plan.roots
@@ -197,6 +203,7 @@ def build_quantized(
         config,
         reduce_range=reduce_range,
         hessians=calibration.hessians or {},
+        rounded=rounded,
     )
     decisions = list(plan.decisions)
     if "LSTM" not in config.exclude_op_types:  # no static LSTM kernel: int8 weights instead

@@ -93,6 +93,7 @@ class _Study:
         )
         self.reference = self.outputs(self.float_proto)
         self.labels = labels
+        self.rounded: dict = {}
         self.metric = metric
         self.score: Callable[[np.ndarray], float] = (
             self._cosine if metric == "cosine" else self._top1
@@ -101,7 +102,9 @@ class _Study:
     def build(self, excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[NodeDecision]]:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
         config = self.config.replace(exclude_nodes=self.config.exclude_nodes + patterns)
-        return build_quantized(self.float_proto, self.calibration, config, self.reduce_range)
+        return build_quantized(
+            self.float_proto, self.calibration, config, self.reduce_range, self.rounded
+        )
 
     def outputs(self, model: onnx.ModelProto, names: Sequence[str] = ()) -> list[np.ndarray]:
         """Per requested tensor, all eval batches joined. The first graph output runs with ORT's

@@ -108,6 +108,27 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option("--exclude-nodes", multiple=True, help="Regex on node names left in float.")
 @click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs.")
 @click.option(
+    "--eval",
+    "eval_data",
+    type=click.Path(path_type=Path),
+    help="Evaluation data for --min-cosine / --max-drop.",
+)
+@click.option(
+    "--min-cosine",
+    type=float,
+    help="Leave the fewest layers float so that mean cosine to fp32 on --eval >= this.",
+)
+@click.option(
+    "--max-drop",
+    type=float,
+    help="Leave the fewest layers float so that top-1 drops at most this many points.",
+)
+@click.option(
+    "--labels",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=".npy labels for --max-drop (default: fp32's own predictions).",
+)
+@click.option(
     "--summary-json",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the run's report as JSON.",
@@ -136,6 +157,10 @@ def command(
     exclude_op_types: tuple[str, ...],
     exclude_nodes: tuple[str, ...],
     quantize_outputs: bool,
+    eval_data: Path | None,
+    min_cosine: float | None,
+    max_drop: float | None,
+    labels: Path | None,
     summary_json: Path | None,
 ) -> None:
     """Int8 quantization of MODEL: static QDQ calibrated on --calib data (or --ranges), or
@@ -171,6 +196,21 @@ def command(
         weight_rounding=weight_rounding,
         smooth_alpha=None if no_smooth else smooth_alpha,
     )
+    targeted = min_cosine is not None or max_drop is not None
+    if targeted != (eval_data is not None) or (targeted and (mode != "static" or calib is None)):
+        raise ConfigError("--min-cosine/--max-drop need --eval and --calib (static mode)")
+    if targeted:
+        import numpy as np
+
+        from onnxq.sensitivity import quantize_to_target
+
+        truth = np.load(labels) if labels is not None else None
+        result = quantize_to_target(
+            model, calib, eval_data, config, min_cosine=min_cosine, max_drop=max_drop, labels=truth
+        )
+        save_model(result.model, output)
+        _report(result.report.to_dict(), output, summary_json)
+        return
     if mode == "dynamic":
         result = quantize_dynamic_with_report(model, config, calibration_data=calib)
         save_model(result.model, output)

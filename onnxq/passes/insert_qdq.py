@@ -40,8 +40,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         *,
         reduce_range: bool,
         hessians: Mapping[str, np.ndarray] | None = None,
+        rounded: dict | None = None,
     ) -> None:
         super().__init__()
+        self.rounded = {} if rounded is None else rounded
         self.plan = plan
         self.activation_qparams = activation_qparams
         self.config = config
@@ -52,6 +54,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         rewriter = _Rewriter(
             model.graph, self.activation_qparams, self.config, self.reduce_range, self.hessians
         )
+        rewriter.rounded = self.rounded
         int8_readers = {id(node) for node, _ in self.plan.nodes} | {
             id(node)
             for node in model.graph
@@ -75,14 +78,21 @@ def insert_qdq(
     *,
     reduce_range: bool = False,
     hessians: Mapping[str, np.ndarray] | None = None,
+    rounded: dict | None = None,
 ) -> ir.Model:
     """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it).
 
     ``hessians`` maps node names to ``E[x x^T]`` of their input; those nodes' weights get
-    GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest.
+    GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest. ``rounded``,
+    when given, memoises the integer weights across calls (variants of one model).
     """
     insert = InsertQDQPass(
-        plan, activation_qparams, config, reduce_range=reduce_range, hessians=hessians
+        plan,
+        activation_qparams,
+        config,
+        reduce_range=reduce_range,
+        hessians=hessians,
+        rounded=rounded,
     )
     return insert(model).model
 
@@ -100,6 +110,7 @@ class _Rewriter:
     ) -> None:
         self.graph = graph
         self.hessians = hessians
+        self.rounded: dict = {}
         self.activation_qparams = activation_qparams
         self.config = config
         self.reduce_range = reduce_range
@@ -217,7 +228,10 @@ class _Rewriter:
         hessian = self.hessians.get(node.name) if index == 1 else None
         key = (weight.name, qp.axis, qp.scale.tobytes())
         if key not in self.weight_dq:
-            levels = round_weight(node, array, qp, hessian)
+            memo = (node.name, weight.name, qp.scale.tobytes(), hessian is not None)
+            levels = self.rounded.get(memo)
+            if levels is None:
+                levels = self.rounded[memo] = round_weight(node, array, qp, hessian)
             quantized = ir.Value(
                 name=f"{weight.name}_quantized",
                 const_value=ir.tensor(levels, name=f"{weight.name}_quantized"),
