@@ -42,9 +42,13 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("onnxq-static", "onnxq static (default config)", "onnx"),
+    Variant("onnxq-static", "onnxq static (default config: minmax)", "onnx"),
+    Variant("onnxq-static-percentile", "onnxq static (percentile 99.999)", "onnx"),
+    Variant("onnxq-static-entropy", "onnxq static (entropy)", "onnx"),
+    Variant("onnxq-static-mse", "onnxq static (mse)", "onnx"),
     Variant("onnxq-static-nearest", "onnxq static (nearest rounding)", "onnx"),
-    Variant("onnxq-dynamic", "onnxq dynamic", "onnx"),
+    Variant("onnxq-dynamic", "onnxq dynamic (no data)", "onnx"),
+    Variant("onnxq-dynamic-smooth", "onnxq dynamic (SmoothQuant from calibration data)", "onnx"),
     Variant("ort-static-defaults", "ORT quantize_static (defaults)", "onnx"),
     Variant("ort-static-best", "ORT quantize_static (best CPU settings)", "onnx"),
     Variant("ort-dynamic", "ORT quantize_dynamic", "onnx"),
@@ -103,20 +107,16 @@ def onnxq_static(job: Job, calib: Feeds, **changes: Any) -> Quantized:
     )
 
 
-def onnxq_dynamic(job: Job, calib: Feeds) -> Quantized:
-    """``onnxq.quantize_dynamic`` where this checkout has it."""
-    import onnx
-
-    import onnxq
+def onnxq_dynamic(job: Job, calib: Feeds, *, smooth: bool = False) -> Quantized:
+    """``onnxq.dynamic.quantize_dynamic_with_report``; with ``smooth`` the calibration data
+    feeds SmoothQuant (dynamic mode needs no data otherwise)."""
+    from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.model_io import save_model
 
-    quantize = getattr(onnxq, "quantize_dynamic", None)
-    if quantize is None:
-        raise NotApplicable("onnxq.quantize_dynamic is not in this checkout yet")
-    result = quantize(job.fp32)
-    model = result if isinstance(result, onnx.ModelProto) else result.model
-    save_model(model, job.out)
-    return Quantized()
+    result = quantize_dynamic_with_report(job.fp32, calibration_data=calib if smooth else None)
+    save_model(result.model, job.out)
+    report = result.report
+    return Quantized([f"{len(report.quantized)} nodes int8", *report.notes])
 
 
 # --- ONNX Runtime ------------------------------------------------------------------------------
@@ -240,8 +240,12 @@ def torch_int8(job: Job, calib: Feeds, module: Any) -> Quantized:
 
 ONNX_QUANTIZERS: dict[str, Callable[..., Quantized]] = {
     "onnxq-static": onnxq_static,
+    "onnxq-static-percentile": lambda job, calib: onnxq_static(job, calib, method="percentile"),
+    "onnxq-static-entropy": lambda job, calib: onnxq_static(job, calib, method="entropy"),
+    "onnxq-static-mse": lambda job, calib: onnxq_static(job, calib, method="mse"),
     "onnxq-static-nearest": lambda job, calib: onnxq_static(job, calib, weight_rounding="nearest"),
     "onnxq-dynamic": onnxq_dynamic,
+    "onnxq-dynamic-smooth": lambda job, calib: onnxq_dynamic(job, calib, smooth=True),
     "ort-static-defaults": ort_static_defaults,
     "ort-static-best": ort_static_best,
     "ort-dynamic": ort_dynamic,
