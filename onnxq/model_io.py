@@ -6,9 +6,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import onnx
@@ -128,8 +129,9 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     return atomic_write(out, proto.SerializeToString())
 
 
-def atomic_write(output: PathLike, data: bytes) -> Path:
-    """Write ``data`` to a temporary file in the same folder, then rename it into place."""
+def atomic_write(output: PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write ``data`` (bytes, or a function writing to a binary file) to a temporary file in
+    the same folder, then rename it into place: readers never see a partial file."""
     out = Path(output)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
@@ -137,11 +139,14 @@ def atomic_write(output: PathLike, data: bytes) -> Path:
         raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            if callable(data):
+                data(handle)
+            else:
+                handle.write(data)
         os.replace(tmp, out)
     except OSError as exc:
         Path(tmp).unlink(missing_ok=True)
-        raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
+        raise OutputPathError(f"{out}: cannot write there: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -22,19 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 import zipfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import onnx
 
 from onnxq.calibration.observers import MinMaxObserver, observer_from_dict
-from onnxq.errors import OutputPathError, RangesError
+from onnxq.errors import RangesError
+from onnxq.model_io import atomic_write
 
 FORMAT = "onnxq.ranges"
 FORMAT_VERSION = 1
@@ -106,7 +106,7 @@ def save_ranges(
         companion = hessians_path(out)
         keys = {node: f"h{i}" for i, node in enumerate(hessians)}
         arrays = {keys[node]: np.asarray(h, dtype=np.float64) for node, h in hessians.items()}
-        _atomic_write(companion, lambda f: np.savez(f, run=np.array(run), **arrays))
+        atomic_write(companion, lambda f: np.savez(f, run=np.array(run), **arrays))
         hessian_entry = {"file": companion.name, "nodes": keys}
         written.append(companion)
     document = {
@@ -122,7 +122,7 @@ def save_ranges(
         "tensors": {name: [obs.to_dict() for obs in group] for name, group in tensors.items()},
     }
     data = json.dumps(document, allow_nan=False).encode()
-    _atomic_write(out, lambda f: f.write(data))
+    atomic_write(out, data)
     return [*written, out]
 
 
@@ -167,24 +167,6 @@ def load_ranges(path: str | os.PathLike[str]) -> RangesFile:
 def hessians_path(ranges_path: Path) -> Path:
     """``ranges.json`` -> ``ranges.hessians.npz`` in the same folder."""
     return ranges_path.with_name(f"{ranges_path.stem}.hessians.npz")
-
-
-def _atomic_write(out: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file in ``out``'s folder, then rename over ``out``."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent)
-    except OSError as exc:
-        raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.replace(tmp, out)
-    except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
-        raise OutputPathError(f"{out}: cannot write there: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _line(exc: BaseException) -> str:

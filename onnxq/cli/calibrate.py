@@ -7,12 +7,9 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.model_io import check_output_path
-
-
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
 @click.command("calibrate")
@@ -28,7 +25,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     "--calib",
     required=True,
     type=click.Path(path_type=Path),
-    help=".npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
+    help=CALIB_HELP,
 )
 @click.option(
     "--method",
@@ -45,18 +42,14 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     show_default=True,
     help="Calibration processes (batch i goes to worker i mod N; same statistics).",
 )
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-samples", type=int, default=None)
+@batching
 @click.option(
     "--hessians/--no-hessians",
     default=True,
     show_default=True,
     help="Also record GPTQ's input Hessians (large); without them GPTQ rounds to nearest.",
 )
-@click.option("--op-types", multiple=True, help="Only quantize these op types (comma-separated).")
-@click.option("--exclude-op-types", multiple=True, help="Op types left in float.")
-@click.option("--exclude-nodes", multiple=True, help="Regex on node names left in float.")
-@click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs.")
+@plan_filters
 def command(
     model: Path,
     output: Path,
@@ -84,8 +77,8 @@ def command(
         check_output_path(hessians_path(output), model, calib)
     config = QuantConfig(
         averaging_constant=averaging_constant,
-        op_types=_split(op_types),
-        exclude_op_types=_split(exclude_op_types),
+        op_types=split_list(op_types),
+        exclude_op_types=split_list(exclude_op_types),
         exclude_nodes=exclude_nodes,
         batch_size=batch_size,
         max_samples=max_samples,

@@ -9,14 +9,10 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list
 from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRange, WeightRounding
 from onnxq.errors import ConfigError
 from onnxq.model_io import check_output_path, save_model, write_json
-
-
-def _split(values: tuple[str, ...]) -> tuple[str, ...]:
-    """Options given several times or comma-separated: ``-x Add,Mul -x Concat``."""
-    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
 
 
 @click.command("quantize")
@@ -25,7 +21,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--calib",
     type=click.Path(path_type=Path),
-    help=".npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
+    help=CALIB_HELP,
 )
 @click.option(
     "--ranges",
@@ -94,8 +90,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     default=None,
     help="7-bit weights. Default: on where u8s8 kernels can saturate (x86 without VNNI).",
 )
-@click.option("--batch-size", type=int, default=8, show_default=True)
-@click.option("--max-samples", type=int, default=None)
+@batching
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -103,10 +98,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...]:
     show_default=True,
     help="Calibration processes (batch i goes to worker i mod N).",
 )
-@click.option("--op-types", multiple=True, help="Only quantize these op types (comma-separated).")
-@click.option("--exclude-op-types", multiple=True, help="Op types left in float.")
-@click.option("--exclude-nodes", multiple=True, help="Regex on node names left in float.")
-@click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs.")
+@plan_filters
 @click.option(
     "--eval",
     "eval_data",
@@ -187,8 +179,8 @@ def command(
         activation_type=activation_type,
         weight_type=weight_type,
         reduce_range=reduce_range,
-        op_types=_split(op_types),
-        exclude_op_types=_split(exclude_op_types),
+        op_types=split_list(op_types),
+        exclude_op_types=split_list(exclude_op_types),
         exclude_nodes=exclude_nodes,
         batch_size=batch_size,
         max_samples=max_samples,

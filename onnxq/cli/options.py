@@ -1,0 +1,39 @@
+"""Options several commands share, defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
+
+
+def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--op-types``, ``--exclude-op-types``, ``--exclude-nodes``, ``--quantize-outputs``."""
+    for option in reversed(
+        [
+            click.option(
+                "--op-types", multiple=True, help="Only quantize these op types (comma-separated)."
+            ),
+            click.option("--exclude-op-types", multiple=True, help="Op types left in float."),
+            click.option(
+                "--exclude-nodes", multiple=True, help="Regex on node names left in float."
+            ),
+            click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def batching(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--batch-size`` and ``--max-samples``."""
+    command = click.option("--max-samples", type=int, default=None)(command)
+    return click.option("--batch-size", type=int, default=8, show_default=True)(command)
+
+
+def split_list(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Options given several times or comma-separated: ``-x Add,Mul -x Concat``."""
+    return tuple(item.strip() for value in values for item in value.split(",") if item.strip())
