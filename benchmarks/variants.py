@@ -42,8 +42,8 @@ class Variant:
 
 
 VARIANTS: tuple[Variant, ...] = (
-    Variant("onnxq-static", "onnxq static (default config: minmax)", "onnx"),
-    Variant("onnxq-static-percentile", "onnxq static (percentile 99.999)", "onnx"),
+    Variant("onnxq-static", "onnxq static (default config: percentile 99.999)", "onnx"),
+    Variant("onnxq-static-minmax", "onnxq static (minmax)", "onnx"),
     Variant("onnxq-static-entropy", "onnxq static (entropy)", "onnx"),
     Variant("onnxq-static-mse", "onnxq static (mse)", "onnx"),
     Variant("onnxq-static-nearest", "onnxq static (nearest rounding)", "onnx"),
@@ -240,7 +240,7 @@ def torch_int8(job: Job, calib: Feeds, module: Any) -> Quantized:
 
 ONNX_QUANTIZERS: dict[str, Callable[..., Quantized]] = {
     "onnxq-static": onnxq_static,
-    "onnxq-static-percentile": lambda job, calib: onnxq_static(job, calib, method="percentile"),
+    "onnxq-static-minmax": lambda job, calib: onnxq_static(job, calib, method="minmax"),
     "onnxq-static-entropy": lambda job, calib: onnxq_static(job, calib, method="entropy"),
     "onnxq-static-mse": lambda job, calib: onnxq_static(job, calib, method="mse"),
     "onnxq-static-nearest": lambda job, calib: onnxq_static(job, calib, weight_rounding="nearest"),

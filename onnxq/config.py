@@ -98,7 +98,7 @@ class QuantConfig:
             with per-row scales.
     """
 
-    method: CalibrationMethod = CalibrationMethod.MINMAX
+    method: CalibrationMethod = CalibrationMethod.PERCENTILE
     percentile: float = 99.999
     per_channel: bool = True
     activation_type: QuantType = QuantType.UINT8

@@ -54,7 +54,7 @@ from onnxq.model_io import check_output_path, save_model, write_json
 @click.option(
     "--method",
     type=click.Choice([m.value for m in CalibrationMethod]),
-    default="minmax",
+    default="percentile",
     show_default=True,
 )
 @click.option("--percentile", type=float, default=99.999, show_default=True)

@@ -27,7 +27,7 @@ from onnxq.config import CalibrationMethod, QuantConfig
 @click.option(
     "--method",
     type=click.Choice([m.value for m in CalibrationMethod]),
-    default="minmax",
+    default="percentile",
     show_default=True,
 )
 @click.option("--max-samples", type=int, default=None)

@@ -68,7 +68,7 @@ def test_minmax_only_file_no_hessians_and_note(cnn_path, calib_npz, tmp_path):
     assert result.exit_code == 0, result.output
     assert "histogram" not in result.output and not ranges.with_suffix(".hessians.npz").exists()
     out = tmp_path / "q.onnx"
-    result = _invoke("quantize", cnn_path, "-o", out, "--ranges", ranges)
+    result = _invoke("quantize", cnn_path, "-o", out, "--ranges", ranges, "--method", "minmax")
     assert result.exit_code == 0, result.output
     assert "note: GPTQ fell back to nearest rounding" in result.output
     _expect_error(
