@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.training import fit_classifier
+
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 
@@ -61,27 +63,9 @@ def train_digits_cnn(
     y = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
     if x.ndim != 4 or tuple(x.shape[1:]) != INPUT_SHAPE or len(x) != len(y):
         raise ValueError(f"expected train_x [N, 1, 8, 8] and train_y [N], got {x.shape}, {y.shape}")
-    model = build_digits_cnn(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        generator = torch.Generator().manual_seed(seed)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        steps = epochs * -(-len(x) // batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), batch_size):
-                batch = order[start : start + batch_size]
-                optimiser.zero_grad()
-                loss_fn(model(x[batch]), y[batch]).backward()
-                optimiser.step()
-                schedule.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    return fit_classifier(
+        build_digits_cnn(seed), x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed
+    )
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.training import fit_classifier
+
 STEPS = 8
 FEATURES = 8
 HIDDEN = 256
@@ -69,28 +71,16 @@ def train_lstm(
     y = torch.as_tensor(np.asarray(train_y, dtype=np.int64))
     if len(x) != len(y):
         raise ValueError(f"{len(x)} sequences but {len(y)} labels")
-    model = build_lstm(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        generator = torch.Generator().manual_seed(seed)
-        optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        steps = epochs * -(-len(x) // batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps)
-        loss_fn = nn.CrossEntropyLoss()
-        model.train()
-        for _ in range(epochs):
-            order = torch.randperm(len(x), generator=generator)
-            for start in range(0, len(x), batch_size):
-                batch = order[start : start + batch_size]
-                optimiser.zero_grad()
-                loss_fn(model(x[batch]), y[batch]).backward()
-                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimiser.step()
-                schedule.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    return fit_classifier(
+        build_lstm(seed),
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        clip_norm=1.0,
+    )
 
 
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
