@@ -89,3 +89,32 @@ def optimized_op_counts(model: onnx.ModelProto, tmp_path: Path) -> dict[str, int
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return dict(Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))
+
+
+def small_cnn(*, convs: int = 2, classes: int = 5, seed: int = 0) -> onnx.ModelProto:
+    """``convs`` x (Conv-Relu), GlobalAveragePool, Flatten, MatMul on ``[N, 3, 8, 8]`` images."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev, channels = [], [], "x", 3
+    for i in range(convs):
+        weight = (0.3 * rng.normal(size=(8, channels, 3, 3))).astype(np.float32)
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
+        prev, channels = f"r{i}", 8
+    head = (0.3 * rng.normal(size=(8, classes))).astype(np.float32)
+    inits.append(numpy_helper.from_array(head, "wf"))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [prev], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("MatMul", ["f", "wf"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model

@@ -11,7 +11,7 @@ import onnx
 import onnx.parser
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from support import small_cnn
 
 from onnxq.errors import CalibrationDataError, InvalidModelError
 from onnxq.evaluate import (
@@ -47,34 +47,6 @@ scaled (float[N, 5] x) => (float[N, 5] y) {
 def _save(text: str, path: Path) -> Path:
     onnx.save(onnx.parser.parse_model(text), path)
     return path
-
-
-def _cnn(seed: int = 0) -> onnx.ModelProto:
-    """Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-MatMul on 3x8x8 images, 6 classes."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array((0.3 * rng.normal(size=shape)).astype(np.float32), name)
-        for name, shape in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("wf", (8, 6)))
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("MatMul", ["f", "wf"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
 
 
 @pytest.fixture
@@ -173,7 +145,7 @@ def test_quantized_cnn_rows_json_table_plot(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     images = {"x": rng.normal(size=(10, 3, 8, 8)).astype(np.float32)}
     fp32 = tmp_path / "cnn.onnx"
-    onnx.save(_cnn(), fp32)
+    onnx.save(small_cnn(classes=6), fp32)
     int8 = tmp_path / "cnn_int8.onnx"
     onnx.save(quantize(fp32, images), int8)
     result = compare(
@@ -240,7 +212,7 @@ def test_compare_on_cuda(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     images = {"x": rng.normal(size=(8, 3, 8, 8)).astype(np.float32)}
     fp32 = tmp_path / "cnn.onnx"
-    onnx.save(_cnn(), fp32)
+    onnx.save(small_cnn(classes=6), fp32)
     int8 = tmp_path / "cnn_int8.onnx"
     onnx.save(quantize(fp32, images), int8)
     result = compare(fp32, [int8], images, provider="cuda", **FAST)

@@ -9,46 +9,18 @@ import numpy as np
 import onnx
 import onnx.parser
 import pytest
-from onnx import helper, numpy_helper
+from support import small_cnn
 
 from onnxq.errors import InvalidModelError, ProviderError
 from onnxq.inspect import category, count_int8_kernels, family, format_inspect, inspect_model
 from onnxq.pipeline import quantize
 
 
-def _cnn(convs: int = 3) -> onnx.ModelProto:
-    """``convs`` x (Conv-Relu), GlobalAveragePool, Flatten, MatMul on 3x8x8 images."""
-    rng = np.random.default_rng(0)
-    nodes, inits, prev, channels = [], [], "x", 3
-    for i in range(convs):
-        weight = (0.3 * rng.normal(size=(8, channels, 3, 3))).astype(np.float32)
-        inits.append(numpy_helper.from_array(weight, f"w{i}"))
-        nodes.append(helper.make_node("Conv", [prev, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
-        nodes.append(helper.make_node("Relu", [f"c{i}"], [f"r{i}"]))
-        prev, channels = f"r{i}", 8
-    inits.append(numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "wf"))
-    nodes += [
-        helper.make_node("GlobalAveragePool", [prev], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("MatMul", ["f", "wf"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("inspect")
     fp32, int8 = folder / "cnn.onnx", folder / "cnn_int8.onnx"
-    model = _cnn()
+    model = small_cnn(convs=3, classes=4)
     onnx.save(model, fp32)
     calib = {"x": np.random.default_rng(1).normal(size=(8, 3, 8, 8)).astype(np.float32)}
     onnx.save(quantize(model, calib), int8)

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from support import small_cnn
 
 from onnxq.cli import main
 from onnxq.pipeline import quantize
@@ -23,39 +23,11 @@ def _invoke(*args: str | os.PathLike[str]):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
-def _cnn() -> onnx.ModelProto:
-    """Conv-Relu-Conv-Relu-GlobalAveragePool-Flatten-MatMul on 3x8x8 images, 5 classes."""
-    rng = np.random.default_rng(0)
-    inits = [
-        numpy_helper.from_array((0.3 * rng.normal(size=shape)).astype(np.float32), name)
-        for name, shape in (("w1", (8, 3, 3, 3)), ("w2", (8, 8, 3, 3)), ("wf", (8, 5)))
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c1"], ["r1"]),
-        helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["c2"], ["r2"]),
-        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
-        helper.make_node("Flatten", ["g"], ["f"]),
-        helper.make_node("MatMul", ["f", "wf"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("compare_cli")
     images = np.random.default_rng(1).normal(size=(12, 3, 8, 8)).astype(np.float32)
-    model = _cnn()
+    model = small_cnn(classes=5)
     paths = {
         "fp32": folder / "cnn.onnx",
         "int8": folder / "cnn_int8.onnx",
