@@ -232,26 +232,7 @@ class _Rewriter:
             levels = self.rounded.get(memo)
             if levels is None:
                 levels = self.rounded[memo] = round_weight(node, array, qp, hessian)
-            quantized = ir.Value(
-                name=f"{weight.name}_quantized",
-                const_value=ir.tensor(levels, name=f"{weight.name}_quantized"),
-            )
-            self._register(quantized)
-            scale, zero_point = self._qparam_values(weight.name, qp)
-            dq = ir.Value(
-                name=f"{weight.name}_dequantized",
-                shape=weight.shape,
-                type=ir.TensorType(ir.DataType.FLOAT),
-            )
-            attributes = {"axis": qp.axis} if qp.axis is not None else {}
-            dq_node = ir.node(
-                "DequantizeLinear",
-                [quantized, scale, zero_point],
-                attributes,
-                outputs=[dq],
-                name=f"{weight.name}_DequantizeLinear",
-            )
-            self.graph.insert_before(node, dq_node)
+            dq = self._dequantized_constant(node, weight.name, levels, qp, weight.shape)
             self.weight_dq[key] = (dq, qp)
         return self.weight_dq[key]
 
@@ -259,22 +240,7 @@ class _Rewriter:
         q_bias, qp = quantize_bias(
             bias.const_value.numpy(), self._input_scale(node), weight_qp.scale
         )
-        name = f"{bias.name}_{node.name}_quantized"
-        quantized = ir.Value(name=name, const_value=ir.tensor(q_bias, name=name))
-        self._register(quantized)
-        scale, zero_point = self._qparam_values(name, qp)
-        dq = ir.Value(
-            name=f"{name}_dequantized", shape=bias.shape, type=ir.TensorType(ir.DataType.FLOAT)
-        )
-        attributes = {"axis": 0} if qp.axis is not None else {}
-        dq_node = ir.node(
-            "DequantizeLinear",
-            [quantized, scale, zero_point],
-            attributes,
-            outputs=[dq],
-            name=f"{name}_DequantizeLinear",
-        )
-        self.graph.insert_before(node, dq_node)
+        dq = self._dequantized_constant(node, f"{bias.name}_{node.name}", q_bias, qp, bias.shape)
         node.replace_input_with(index, dq)
 
     def _input_qparams(self, node: ir.Node) -> QParams | None:
@@ -286,6 +252,31 @@ class _Rewriter:
         return float(self._input_qparams(node).scale)
 
     # -- helpers -----------------------------------------------------------------------------
+    def _dequantized_constant(
+        self, node: ir.Node, name: str, levels: np.ndarray, qp: QParams, shape: ir.Shape | None
+    ) -> ir.Value:
+        """Integer initializer ``{name}_quantized`` -> DequantizeLinear, placed before ``node``."""
+        quantized = ir.Value(
+            name=f"{name}_quantized", const_value=ir.tensor(levels, name=f"{name}_quantized")
+        )
+        self._register(quantized)
+        scale, zero_point = self._qparam_values(name, qp)
+        dq = ir.Value(
+            name=f"{name}_dequantized", shape=shape, type=ir.TensorType(ir.DataType.FLOAT)
+        )
+        attributes = {"axis": qp.axis} if qp.axis is not None else {}
+        self.graph.insert_before(
+            node,
+            ir.node(
+                "DequantizeLinear",
+                [quantized, scale, zero_point],
+                attributes,
+                outputs=[dq],
+                name=f"{name}_DequantizeLinear",
+            ),
+        )
+        return dq
+
     def _qparam_values(self, owner: str, qp: QParams) -> tuple[ir.Value, ir.Value]:
         key = (owner, qp.scale.tobytes(), qp.zero_point.tobytes())
         if key not in self.qparam_inputs:
