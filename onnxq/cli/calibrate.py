@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list, workers_option
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.model_io import check_output_path
 
@@ -35,13 +35,7 @@ from onnxq.model_io import check_output_path
     "`onnxq quantize --ranges` can use any method and percentile.",
 )
 @click.option("--averaging-constant", type=float, default=0.01, show_default=True)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Calibration processes (batch i goes to worker i mod N; same statistics).",
-)
+@workers_option
 @batching
 @click.option(
     "--hessians/--no-hessians",

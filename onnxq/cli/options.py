@@ -28,6 +28,16 @@ def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+workers_option = click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Calibration processes (batch i goes to worker i mod N; same statistics).",
+)
+"""``--workers N``: calibration sharded over N processes."""
+
+
 def batching(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--batch-size`` and ``--max-samples``."""
     command = click.option("--max-samples", type=int, default=None)(command)

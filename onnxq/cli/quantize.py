@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list, workers_option
 from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRange, WeightRounding
 from onnxq.errors import ConfigError
 from onnxq.model_io import check_output_path, save_model, write_json
@@ -91,13 +91,7 @@ from onnxq.model_io import check_output_path, save_model, write_json
     help="7-bit weights. Default: on where u8s8 kernels can saturate (x86 without VNNI).",
 )
 @batching
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Calibration processes (batch i goes to worker i mod N).",
-)
+@workers_option
 @plan_filters
 @click.option(
     "--eval",
