@@ -18,13 +18,12 @@ from onnxq.evaluate import (
     CUDA_NOTE,
     compare,
     cosine_per_sample,
-    format_table,
     load_labels,
-    plot,
     sqnr_db,
     top1,
 )
 from onnxq.pipeline import quantize
+from onnxq.report import format_table, plot
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 FAST = {"latency_runs": 3, "warmup": 1, "throughput_runs": 2, "measure_memory": False}

@@ -57,8 +57,9 @@ def command(
     """Measure FP32 and each QUANTIZED model on the same --data, on one execution provider."""
     from tqdm import tqdm
 
-    from onnxq.evaluate import compare, format_table, plot
+    from onnxq.evaluate import compare
     from onnxq.model_io import write_json
+    from onnxq.report import format_table, plot
     from onnxq.runtime import check_provider
 
     check_provider(provider)  # fail before any work

@@ -34,10 +34,11 @@ def command(out_dir: Path | None, runs: int) -> None:
             f"the demo needs torch and scikit-learn ({exc.name} is missing): "
             "pip install -e '.[demo]'"
         ) from None
-    from onnxq.evaluate import compare, format_table
+    from onnxq.evaluate import compare
     from onnxq.export import export_torch
     from onnxq.model_io import save_model
     from onnxq.pipeline import quantize_with_report
+    from onnxq.report import format_table
 
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="onnxq-demo-"))
     out_dir.mkdir(parents=True, exist_ok=True)
