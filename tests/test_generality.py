@@ -1,8 +1,8 @@
 """Architectures and exports no issue names: the rules are general, not tuned to the zoo.
 
 Depthwise convs with ReLU6 (Clip) and squeeze-excite (SiLU, Sigmoid, Mul); a U-Net-like graph
-(ConvTranspose, Resize, Concat with the input, a Conv as graph output); Conv1d into a GRU; a
-pre-LN transformer decoder with a causal mask. Old (11) and current (17) opsets.
+(Resize, Concat with the input, a Conv as graph output); Conv1d into a GRU. Old (11) and current
+(17) opsets. Transformer encoders from both exporters are in ``passes/test_transformer_rules``.
 """
 
 from __future__ import annotations
