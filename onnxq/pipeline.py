@@ -20,8 +20,8 @@ from onnxq.calibration.calibrate import (
     calibrate_plan,
     calibration_from_ranges,
 )
-from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
-from onnxq.calibration.ranges import observer_kind, range_for
+from onnxq.calibration.observers import MinMaxObserver
+from onnxq.calibration.ranges import range_for
 from onnxq.config import CalibrationMethod, QuantConfig, QuantType
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError
 from onnxq.isa import cpu_features
@@ -220,14 +220,6 @@ def _prepared(model: ModelSource) -> tuple[ir.Model, onnx.ModelProto]:
     proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
     float_model = prepare(ir.from_proto(proto))
     return float_model, ir.to_proto(float_model)
-
-
-def range_observers(roots: list[str], config: QuantConfig) -> dict[str, MinMaxObserver]:
-    """One range observer per root tensor, of the kind the config's method needs."""
-    kind = observer_kind(config.method)
-    if kind is MovingAverageMinMaxObserver:
-        return {root: kind(config.averaging_constant) for root in roots}
-    return {root: kind() for root in roots}
 
 
 def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams:

@@ -10,7 +10,14 @@ from pathlib import Path
 import click
 
 from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list, workers_option
-from onnxq.config import CalibrationMethod, QuantConfig, QuantType, WeightRange, WeightRounding
+from onnxq.config import (
+    CalibrationMethod,
+    QuantConfig,
+    QuantMode,
+    QuantType,
+    WeightRange,
+    WeightRounding,
+)
 from onnxq.errors import ConfigError
 from onnxq.model_io import check_output_path, save_model, write_json
 
@@ -30,8 +37,8 @@ from onnxq.model_io import check_output_path, save_model, write_json
 )
 @click.option(
     "--mode",
-    type=click.Choice(["static", "dynamic"]),
-    default="static",
+    type=click.Choice([m.value for m in QuantMode]),
+    default=QuantMode.STATIC.value,
     show_default=True,
     help="dynamic: int8 weights, activations quantized at run time (--calib optional: it "
     "only feeds SmoothQuant).",
@@ -156,9 +163,9 @@ def command(
     from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.pipeline import quantize_with_report
 
-    if mode == "static" and (calib is None) == (ranges is None):
+    if mode == QuantMode.STATIC and (calib is None) == (ranges is None):
         raise ConfigError("give --calib DATA or --ranges FILE (exactly one)")
-    if mode == "dynamic" and ranges is not None:
+    if mode == QuantMode.DYNAMIC and ranges is not None:
         raise ConfigError("--ranges applies to static mode only")
     sources = [path for path in (model, calib, ranges) if path is not None]
     check_output_path(output, *sources)
@@ -183,7 +190,9 @@ def command(
         smooth_alpha=None if no_smooth else smooth_alpha,
     )
     targeted = min_cosine is not None or max_drop is not None
-    if targeted != (eval_data is not None) or (targeted and (mode != "static" or calib is None)):
+    if targeted != (eval_data is not None) or (
+        targeted and (mode != QuantMode.STATIC or calib is None)
+    ):
         raise ConfigError("--min-cosine/--max-drop need --eval and --calib (static mode)")
     if targeted:
         import numpy as np
@@ -197,7 +206,7 @@ def command(
         save_model(result.model, output)
         _report(result.report.to_dict(), output, summary_json)
         return
-    if mode == "dynamic":
+    if mode == QuantMode.DYNAMIC:
         result = quantize_dynamic_with_report(model, config, calibration_data=calib)
         save_model(result.model, output)
         _report(result.report.to_dict(), output, summary_json)

@@ -199,3 +199,22 @@ def test_bad_option_values(cnn_path, calib_npz, tmp_path):
         "regex",
     )
     assert not out.exists()
+
+
+def test_dynamic_mode_needs_no_data(cnn_path, tmp_path):
+    out, summary = tmp_path / "dyn.onnx", tmp_path / "dyn.json"
+    result = _invoke(
+        "quantize", cnn_path, "-o", out, "--mode", "dynamic", "--summary-json", summary
+    )
+    assert result.exit_code == 0, result.output
+    assert "dynamic: reduce_range" in result.output and out.exists()
+    report = json.loads(summary.read_text())
+    assert report["config"]["mode"] == "dynamic" and report["samples"] == 0
+    assert any(d["op_type"] == "Gemm" and d["quantized"] for d in report["decisions"])
+
+
+def test_target_options_need_eval_data(cnn_path, calib_npz, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = _invoke("quantize", cnn_path, "-o", out, "--calib", calib_npz, "--min-cosine", "0.9")
+    _expect_error(result, "--eval")
+    assert not out.exists()
