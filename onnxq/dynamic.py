@@ -8,23 +8,20 @@ from __future__ import annotations
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 
 from onnxq.config import QuantConfig
-from onnxq.isa import cpu_features
-from onnxq.model_io import load_model
+from onnxq.model_io import model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
-from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
     ModelSource,
     QuantizationReport,
     QuantResult,
     finish,
+    prepare_float,
     refuse_quantized,
     resolve_reduce_range,
 )
-from onnxq.smoothing import smooth_from_data
 
 
 def quantize_dynamic(
@@ -42,13 +39,10 @@ def quantize_dynamic_with_report(
 ) -> QuantResult:
     """``quantize_dynamic`` plus a ``QuantizationReport`` (``samples`` is 0)."""
     config = config or QuantConfig()
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    proto = model_proto(model)
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
-    float_model = prepare(ir.from_proto(proto))
-    notes = []
-    if config.smooth_alpha is not None and calibration_data is not None:
-        notes = smooth_from_data(float_model, calibration_data, config)
+    float_model, _, notes = prepare_float(proto, config, calibration_data)
     decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
@@ -61,7 +55,6 @@ def quantize_dynamic_with_report(
         reduce_range=reduce_range,
         reduce_range_reason=reduce_reason,
         config={**config.to_dict(), "mode": "dynamic"},
-        cpu=cpu_features().to_dict(),
         notes=notes,
     )
     return QuantResult(out, report)

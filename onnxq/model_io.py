@@ -83,6 +83,11 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     return model
 
 
+def model_proto(source: PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A model given as a path (read and checked by ``load_model``) or already in memory."""
+    return source if isinstance(source, onnx.ModelProto) else load_model(source)
+
+
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     """The graph inputs a caller must feed (initializers listed as inputs are excluded)."""
     initializers = {init.name for init in model.graph.initializer}

@@ -25,7 +25,7 @@ from onnxq.calibration.ranges import range_for
 from onnxq.config import CalibrationMethod, QuantConfig, QuantType
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError
 from onnxq.isa import cpu_features
-from onnxq.model_io import load_model
+from onnxq.model_io import model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import NodeDecision, plan_quantization
@@ -53,7 +53,7 @@ class QuantizationReport:
     reduce_range_reason: str
     uncalibrated: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
-    cpu: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=lambda: cpu_features().to_dict())
     ranges_file: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -115,7 +115,7 @@ def calibrate(
     tensors observed) follows the config's op-type and node filters.
     """
     config = config or QuantConfig()
-    float_model, float_proto = _prepared(model)
+    float_model, float_proto, _ = prepare_float(model_proto(model), config)
     plan = plan_quantization(float_model, config)
     return calibrate_plan(
         float_proto,
@@ -142,16 +142,10 @@ def quantize_with_report(
     if (calibration_data is None) == (ranges is None):
         raise ConfigError("give calibration data or a ranges file (exactly one of them)")
     config = config or QuantConfig()
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+    proto = model_proto(model)
     refuse_quantized(proto)
-    size_before = proto.ByteSize()
     reduce_range, reduce_reason = resolve_reduce_range(config)
-
-    float_model, float_proto = _prepared(proto)
-    notes: list[str] = []
-    if config.smooth_alpha is not None and calibration_data is not None:
-        notes += smooth_from_data(float_model, calibration_data, config)
-        float_proto = ir.to_proto(float_model)
+    float_model, float_proto, notes = prepare_float(proto, config, calibration_data)
     plan = plan_quantization(float_model, config)
     if ranges is not None:
         calibration = calibration_from_ranges(ranges, float_proto, plan, config)
@@ -159,17 +153,16 @@ def quantize_with_report(
         calibration = calibrate_plan(
             float_proto, plan, calibration_data, config, workers=workers, on_batch=on_batch
         )
-    out, decisions = build_quantized(float_proto, calibration, config, reduce_range)
+    out, decisions = build_quantized(float_model, calibration, config, reduce_range)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=size_before,
+        size_before=proto.ByteSize(),
         size_after=out.ByteSize(),
         samples=calibration.samples,
         reduce_range=reduce_range,
         reduce_range_reason=reduce_reason,
         uncalibrated=calibration.uncalibrated,
         config=config.to_dict(),
-        cpu=cpu_features().to_dict(),
         ranges_file=None if ranges is None else calibration.source,
         notes=notes + list(calibration.notes),
     )
@@ -177,16 +170,15 @@ def quantize_with_report(
 
 
 def build_quantized(
-    float_proto: onnx.ModelProto,
+    float_model: ir.Model,
     calibration: Calibration,
     config: QuantConfig,
     reduce_range: bool,
     rounded: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
     """Plan, qparams, Q/DQ insertion, LSTM and embedding weights, check: one quantized model
-    from a prepared float model and its calibration. ``rounded`` memoises integer weights
-    across calls, so variants of one model round each weight once."""
-    float_model = ir.from_proto(float_proto)
+    from a prepared float model (rewritten in place) and its calibration. ``rounded`` memoises
+    integer weights across calls, so variants of one model round each weight once."""
     skip = set(calibration.uncalibrated)
     plan = plan_quantization(float_model, config, skip_tensors=skip)
     while missing := set(plan.roots) - set(calibration.observers):  # not observed: stay float
@@ -215,11 +207,19 @@ def build_quantized(
     return finish(quantized, config, reduce_range), decisions
 
 
-def _prepared(model: ModelSource) -> tuple[ir.Model, onnx.ModelProto]:
-    """The clean float graph (``prepare``), as an IR model and as a proto."""
-    proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+def prepare_float(
+    proto: onnx.ModelProto, config: QuantConfig, calibration_data: Any = None
+) -> tuple[ir.Model, onnx.ModelProto, list[str]]:
+    """The clean float graph (``prepare``, then SmoothQuant when the config asks and data is
+    given) as an IR model and as a proto, and notes for the report."""
     float_model = prepare(ir.from_proto(proto))
-    return float_model, ir.to_proto(float_model)
+    float_proto = ir.to_proto(float_model)
+    notes: list[str] = []
+    if config.smooth_alpha is not None and calibration_data is not None:
+        changed, notes = smooth_from_data(float_model, float_proto, calibration_data, config)
+        if changed:
+            float_proto = ir.to_proto(float_model)
+    return float_model, float_proto, notes
 
 
 def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams:

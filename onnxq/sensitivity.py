@@ -27,19 +27,18 @@ from onnxq.calibration.collect import augment_outputs, make_session
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig
 from onnxq.errors import ConfigError
-from onnxq.model_io import input_specs, load_model
+from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
-from onnxq.passes.prepare import prepare
 from onnxq.pipeline import (
     ModelSource,
     QuantizationReport,
     QuantResult,
     build_quantized,
+    prepare_float,
     refuse_quantized,
     resolve_reduce_range,
 )
 from onnxq.runtime import make_session as runtime_session
-from onnxq.smoothing import smooth_from_data
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -76,16 +75,12 @@ class _Study:
         labels: np.ndarray | None,
         metric: str,
     ) -> None:
-        proto = load_model(model) if not isinstance(model, onnx.ModelProto) else model
+        proto = model_proto(model)
         refuse_quantized(proto)
         self.size_before = proto.ByteSize()
         self.config = config
         self.reduce_range, self.reduce_reason = resolve_reduce_range(config)
-        float_model = prepare(ir.from_proto(proto))
-        self.notes: list[str] = []
-        if config.smooth_alpha is not None:
-            self.notes += smooth_from_data(float_model, calibration_data, config)
-        self.float_proto = ir.to_proto(float_model)
+        float_model, self.float_proto, self.notes = prepare_float(proto, config, calibration_data)
         plan = plan_quantization(float_model, config)
         self.calibration = calibrate_plan(self.float_proto, plan, calibration_data, config)
         self.feeds = list(
@@ -102,8 +97,9 @@ class _Study:
     def build(self, excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[NodeDecision]]:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
         config = self.config.replace(exclude_nodes=self.config.exclude_nodes + patterns)
+        float_model = ir.from_proto(self.float_proto)  # each variant rewrites its own copy
         return build_quantized(
-            self.float_proto, self.calibration, config, self.reduce_range, self.rounded
+            float_model, self.calibration, config, self.reduce_range, self.rounded
         )
 
     def outputs(self, model: onnx.ModelProto, names: Sequence[str] = ()) -> list[np.ndarray]:
@@ -231,8 +227,6 @@ def _output_of(model: onnx.ModelProto, node_name: str) -> str:
 def _report(
     study: _Study, model: onnx.ModelProto, decisions: list[NodeDecision], notes: list[str]
 ) -> QuantizationReport:
-    from onnxq.isa import cpu_features
-
     return QuantizationReport(
         decisions=decisions,
         size_before=study.size_before,
@@ -242,6 +236,5 @@ def _report(
         reduce_range_reason=study.reduce_reason,
         uncalibrated=study.calibration.uncalibrated,
         config=study.config.to_dict(),
-        cpu=cpu_features().to_dict(),
         notes=notes,
     )

@@ -7,6 +7,8 @@ from typing import Any
 
 import click
 
+from onnxq.config import CalibrationMethod
+
 CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
 
 
@@ -36,6 +38,16 @@ workers_option = click.option(
     help="Calibration processes (batch i goes to worker i mod N; same statistics).",
 )
 """``--workers N``: calibration sharded over N processes."""
+
+
+method_option = click.option(
+    "--method",
+    type=click.Choice([m.value for m in CalibrationMethod]),
+    default=CalibrationMethod.PERCENTILE.value,
+    show_default=True,
+    help="Activation range from the calibration statistics.",
+)
+"""``--method``: the activation range method (``QuantConfig.method``)."""
 
 
 def batching(command: Callable[..., Any]) -> Callable[..., Any]:

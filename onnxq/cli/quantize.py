@@ -9,9 +9,15 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list, workers_option
+from onnxq.cli.options import (
+    CALIB_HELP,
+    batching,
+    method_option,
+    plan_filters,
+    split_list,
+    workers_option,
+)
 from onnxq.config import (
-    CalibrationMethod,
     QuantConfig,
     QuantMode,
     QuantType,
@@ -58,12 +64,7 @@ from onnxq.model_io import check_output_path, save_model, write_json
     help="SmoothQuant strength for weight-MatMul inputs (with --calib).",
 )
 @click.option("--no-smooth", is_flag=True, help="Turn SmoothQuant off.")
-@click.option(
-    "--method",
-    type=click.Choice([m.value for m in CalibrationMethod]),
-    default="percentile",
-    show_default=True,
-)
+@method_option
 @click.option("--percentile", type=float, default=99.999, show_default=True)
 @click.option(
     "--averaging-constant",

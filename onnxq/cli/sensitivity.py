@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from onnxq.config import CalibrationMethod, QuantConfig
+from onnxq.cli.options import method_option
+from onnxq.config import QuantConfig
 
 
 @click.command("sensitivity")
@@ -24,12 +25,7 @@ from onnxq.config import CalibrationMethod, QuantConfig
     type=click.Path(dir_okay=False, path_type=Path),
     help=".npy labels: the metric becomes top-1 accuracy (default: cosine to fp32).",
 )
-@click.option(
-    "--method",
-    type=click.Choice([m.value for m in CalibrationMethod]),
-    default="percentile",
-    show_default=True,
-)
+@method_option
 @click.option("--max-samples", type=int, default=None)
 @click.option("--top", type=int, default=20, show_default=True, help="Layers to list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
