@@ -204,12 +204,6 @@ class HistogramObserver(MinMaxObserver):
             rescaled_range *= 2
         self.counts += counts
 
-    def percentile_range(self, percentile: float) -> tuple[float, float]:
-        """``[P(100 - p), P(p)]``: see ``onnxq.calibration.ranges.percentile_range``."""
-        from onnxq.calibration.ranges import percentile_range
-
-        return percentile_range(self, percentile)
-
     def to_dict(self) -> dict[str, Any]:
         """Counts are stored from the first to the last non-empty bin (``first_bin``)."""
         nonzero = np.flatnonzero(self.counts)
@@ -293,12 +287,3 @@ def _coarsen(counts: np.ndarray) -> np.ndarray:
     quarter = counts.size // 4
     out[quarter : quarter + counts.size // 2] = counts.reshape(-1, 2).sum(axis=1)
     return out
-
-
-def mse_range(
-    observer: HistogramObserver, levels: int, *, candidates: int = 128
-) -> tuple[float, float]:
-    """See ``onnxq.calibration.ranges.mse_range`` (kept here for existing imports)."""
-    from onnxq.calibration.ranges import mse_range as search
-
-    return search(observer, levels, candidates=candidates)

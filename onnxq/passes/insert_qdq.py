@@ -52,9 +52,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         rewriter = _Rewriter(
-            model.graph, self.activation_qparams, self.config, self.reduce_range, self.hessians
+            model.graph,
+            self.activation_qparams,
+            self.config,
+            self.reduce_range,
+            self.hessians,
+            self.rounded,
         )
-        rewriter.rounded = self.rounded
         int8_readers = {id(node) for node, _ in self.plan.nodes} | {
             id(node)
             for node in model.graph
@@ -107,10 +111,11 @@ class _Rewriter:
         config: QuantConfig,
         reduce_range: bool,
         hessians: Mapping[str, np.ndarray],
+        rounded: dict,
     ) -> None:
         self.graph = graph
         self.hessians = hessians
-        self.rounded: dict = {}
+        self.rounded = rounded
         self.activation_qparams = activation_qparams
         self.config = config
         self.reduce_range = reduce_range
