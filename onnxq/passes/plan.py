@@ -74,9 +74,6 @@ class QuantPlan:
         return sorted(set(self.activations.values()))
 
 
-_FLOAT = NodeDecision("", "", False, "")
-
-
 def is_float32(value: ir.Value | None) -> bool:
     return value is not None and value.dtype == ir.DataType.FLOAT
 
@@ -155,13 +152,8 @@ def plan_quantization(
             if not rule.float_output_ok or point.is_graph_output():
                 needed.add(point.name)
 
-    plan.activations = _share_through_pass_through(graph, needed, points, skip, decided)
-    plan.int8_produced = points | {
-        o.name
-        for n in graph
-        if n.op_type in PASS_THROUGH_OPS and decided.get(id(n), _FLOAT).quantized
-        for o in n.outputs
-    }
+    plan.activations, shared = _share_through_pass_through(graph, needed, points, skip, decided)
+    plan.int8_produced = points | shared
     plan.decisions = [decided[id(n)] for n in graph if id(n) in decided]
     plan.decisions += [
         NodeDecision(node_label(n, i), n.op_type, False, "inside a subgraph (If/Loop/Scan body)")
@@ -194,7 +186,7 @@ def _prune_followers(
     pass-through ops), and, unless its kernel has a float output, a kept node reads its output.
     Greatest fixpoint: drop violators until none is left.
     """
-    passes = [n for n in graph if n.op_type in PASS_THROUGH_OPS and n.domain in ("", "ai.onnx")]
+    passes = [node for _, node in _pass_through_nodes(graph)]
     kept = list(candidates)
     pruned: list[tuple[_Candidate, str]] = []
     while True:
@@ -289,30 +281,30 @@ def _share_through_pass_through(
     points: set[str],
     skip: set[str],
     decided: dict[int, NodeDecision],
-) -> dict[str, str]:
-    """Map each quantized tensor to its root (rule 6).
+) -> tuple[dict[str, str], set[str]]:
+    """Map each quantized tensor to its root (rule 6); also return the outputs of the
+    pass-through ops that now run on int8 data.
 
     Forward: a pass-through output has a quantized origin when its data input is a node's
     output quantization point or itself has one.
     Backward: a needed pass-through output pulls its data input in when that input has one,
     so chains like ``Q -> MaxPool -> Reshape -> DQ`` keep one scale end to end.
     """
-    passes = [n for n in graph if n.op_type in PASS_THROUGH_OPS and n.domain in ("", "ai.onnx")]
+    passes = _pass_through_nodes(graph)
     origin: set[str] = needed | points
-    for node in passes:
+    for _, node in passes:
         data = node.inputs[0] if node.inputs else None
         if data is not None and data.name in origin and not is_constant(data):
             origin.update(o.name for o in node.outputs if is_float32(o) and o.name not in skip)
-    for node in reversed(passes):
+    for _, node in reversed(passes):
         data = node.inputs[0] if node.inputs else None
         if data is None or data.name not in origin or is_constant(data):
             continue
         if any(o.name in needed for o in node.outputs):
             needed.add(data.name)
     roots: dict[str, str] = {}
-    for index, node in enumerate(graph):
-        if node.op_type not in PASS_THROUGH_OPS or node.domain not in ("", "ai.onnx"):
-            continue
+    shared_outputs: set[str] = set()
+    for index, node in passes:
         data = node.inputs[0] if node.inputs else None
         if data is None or data.name not in needed:
             continue
@@ -320,10 +312,20 @@ def _share_through_pass_through(
         for output in shared:
             roots[output.name] = roots.get(data.name, data.name)
         if shared:
+            shared_outputs.update(o.name for o in node.outputs)
             decided[id(node)] = NodeDecision(
                 node_label(node, index), node.op_type, True, "int8 pass-through (shared qparams)"
             )
-    return {name: roots.get(name, name) for name in sorted(needed)}
+    return {name: roots.get(name, name) for name in sorted(needed)}, shared_outputs
+
+
+def _pass_through_nodes(graph: ir.Graph) -> list[tuple[int, ir.Node]]:
+    """``(index, node)`` of the graph's pass-through ops, in graph order."""
+    return [
+        (index, node)
+        for index, node in enumerate(graph)
+        if node.op_type in PASS_THROUGH_OPS and node.domain in ("", "ai.onnx")
+    ]
 
 
 def _subgraph_nodes(graph: ir.Graph) -> list[ir.Node]:
