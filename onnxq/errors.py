@@ -5,6 +5,20 @@ The CLI turns any ``OnnxqError`` into ``error: <message>`` and exit code 2.
 
 from __future__ import annotations
 
+import re
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (colour codes removed), or its type:
+    what a one-line error built from a library's exception shows."""
+    for line in str(exc).splitlines():
+        line = _ANSI.sub("", line).strip()
+        if line:
+            return line
+    return type(exc).__name__
+
 
 class OnnxqError(Exception):
     """Base class of every error onnxq raises on purpose."""

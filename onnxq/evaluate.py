@@ -45,7 +45,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.readers import FeedSource, open_feeds
-from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError
+from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.model_io import InputSpec, input_specs, json_safe, load_model
 from onnxq.runtime import (
@@ -53,7 +53,6 @@ from onnxq.runtime import (
     Provider,
     check_provider,
     environment,
-    first_line,
     make_session,
 )
 

@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxq.errors import ConfigError, ExportError
+from onnxq.errors import ConfigError, ExportError, first_line
 from onnxq.model_io import check_output_path, save_model
 
 PathLike = str | os.PathLike[str]
@@ -147,7 +147,7 @@ def export_torch(
     try:
         onnx.checker.check_model(proto)
     except onnx.checker.ValidationError as exc:
-        reason = _first_line(exc)
+        reason = first_line(exc)
         raise ExportError(f"the exported model fails the ONNX checker: {reason}") from None
     if dynamic_batch:
         _check_batch_axis(proto, in_names)
@@ -182,7 +182,7 @@ def load_factory(spec: str) -> object:
         except Exception as exc:
             raise ConfigError(
                 f"factory {spec!r}: cannot import module {module_name!r}: "
-                f"{type(exc).__name__}: {_first_line(exc)}"
+                f"{type(exc).__name__}: {first_line(exc)}"
             ) from None
         for part in attr_path.split("."):
             if not hasattr(target, part):
@@ -198,7 +198,7 @@ def load_factory(spec: str) -> object:
             result = target()
         except Exception as exc:
             raise ConfigError(
-                f"factory {spec!r} raised {type(exc).__name__}: {_first_line(exc)}"
+                f"factory {spec!r} raised {type(exc).__name__}: {first_line(exc)}"
             ) from None
     finally:
         if added and cwd in sys.path:
@@ -284,7 +284,7 @@ def _run_torch(
             result = module(*inputs)
     except Exception as exc:
         raise ExportError(
-            f"the module fails on {what}: {type(exc).__name__}: {_first_line(exc)}"
+            f"the module fails on {what}: {type(exc).__name__}: {first_line(exc)}"
         ) from None
     flat: list[Any] = []
     _flatten(torch, result, flat)
@@ -454,7 +454,7 @@ def _summary(exc: BaseException) -> str:
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    return f"{type(cause).__name__}: {_first_line(cause)}"
+    return f"{type(cause).__name__}: {first_line(cause)}"
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -462,11 +462,3 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(_ANSI.sub("", line).strip() for line in str(exc).splitlines() if line.strip())
     text = text or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(exc: BaseException) -> str:
-    for line in str(exc).splitlines():
-        line = _ANSI.sub("", line).strip()
-        if line:
-            return line
-    return type(exc).__name__

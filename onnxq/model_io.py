@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxq.errors import InvalidModelError, OutputPathError
+from onnxq.errors import InvalidModelError, OutputPathError, first_line
 
 PathLike = str | os.PathLike[str]
 
@@ -70,7 +70,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         model = onnx.load(os.fspath(path))
     except (DecodeError, RuntimeError, ValueError, OSError) as exc:
         raise InvalidModelError(
-            f"{path}: not a valid ONNX model (truncated or corrupt?): {_first_line(exc)}"
+            f"{path}: not a valid ONNX model (truncated or corrupt?): {first_line(exc)}"
         ) from None
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
@@ -78,7 +78,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(
-            f"{path}: the ONNX checker rejects the model: {_first_line(exc)}"
+            f"{path}: the ONNX checker rejects the model: {first_line(exc)}"
         ) from None
     return model
 
@@ -177,8 +177,3 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

@@ -23,7 +23,7 @@ from onnxq.calibration.calibrate import (
 from onnxq.calibration.observers import MinMaxObserver
 from onnxq.calibration.ranges import range_for
 from onnxq.config import CalibrationMethod, QuantConfig, QuantType
-from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError
+from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.model_io import model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
@@ -278,8 +278,9 @@ def finish(model: ir.Model, config: QuantConfig, reduce_range: bool) -> onnx.Mod
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise QuantizationError(f"the quantized model fails the ONNX checker: {first}") from None
+        raise QuantizationError(
+            f"the quantized model fails the ONNX checker: {first_line(exc)}"
+        ) from None
     return out
 
 

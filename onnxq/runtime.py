@@ -24,7 +24,7 @@ from typing import Any
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from onnxq.errors import InvalidModelError, ProviderError
+from onnxq.errors import InvalidModelError, ProviderError, first_line
 from onnxq.isa import cpu_features
 
 PathLike = str | os.PathLike[str]
@@ -208,12 +208,6 @@ def gpu_name() -> str | None:
         return None
     names = [line.strip() for line in done.stdout.splitlines() if line.strip()]
     return names[0] if done.returncode == 0 and names else None
-
-
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message."""
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _build_kind() -> str:

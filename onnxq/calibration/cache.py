@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.observers import MinMaxObserver, observer_from_dict
-from onnxq.errors import RangesError
+from onnxq.errors import RangesError, first_line
 from onnxq.model_io import atomic_write
 
 FORMAT = "onnxq.ranges"
@@ -82,7 +82,9 @@ class RangesFile:
                     )
                 return {node: data[key] for node, key in self.hessian_nodes.items()}
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-            raise RangesError(f"{self.hessians_file}: cannot read Hessians: {_line(exc)}") from None
+            raise RangesError(
+                f"{self.hessians_file}: cannot read Hessians: {first_line(exc)}"
+            ) from None
 
 
 def save_ranges(
@@ -134,7 +136,7 @@ def load_ranges(path: str | os.PathLike[str]) -> RangesFile:
     except FileNotFoundError:
         raise RangesError(f"{path}: no such ranges file") from None
     except (OSError, ValueError) as exc:
-        raise RangesError(f"{path}: not a readable ranges file: {_line(exc)}") from None
+        raise RangesError(f"{path}: not a readable ranges file: {first_line(exc)}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise RangesError(f"{path}: not an onnxq ranges file (written by `onnxq calibrate`)")
     if document.get("format_version") != FORMAT_VERSION:
@@ -161,14 +163,9 @@ def load_ranges(path: str | os.PathLike[str]) -> RangesFile:
             run=str(document["run"]),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise RangesError(f"{path}: malformed ranges file: {_line(exc)}") from None
+        raise RangesError(f"{path}: malformed ranges file: {first_line(exc)}") from None
 
 
 def hessians_path(ranges_path: Path) -> Path:
     """``ranges.json`` -> ``ranges.hessians.npz`` in the same folder."""
     return ranges_path.with_name(f"{ranges_path.stem}.hessians.npz")
-
-
-def _line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.observers import HistogramObserver, MinMaxObserver
-from onnxq.errors import CalibrationDataError
+from onnxq.errors import CalibrationDataError, first_line
 
 Feed = dict[str, np.ndarray]
 
@@ -101,8 +101,9 @@ def observe(
         try:
             values = session.run(names, feed)
         except Exception as exc:  # ORT raises several unrelated exception types
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CalibrationDataError(f"batch {index}: ONNX Runtime failed: {message}") from None
+            raise CalibrationDataError(
+                f"batch {index}: ONNX Runtime failed: {first_line(exc)}"
+            ) from None
         for name, value in zip(names, values, strict=True):
             for observer in observers[name]:
                 observer.update(value)

@@ -45,7 +45,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.errors import CalibrationDataError, ConfigError, first_line
 from onnxq.model_io import InputSpec
 
 Feed = dict[str, np.ndarray]
@@ -284,7 +284,7 @@ def _to_array(value: Any, label: str) -> np.ndarray:
         return np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise CalibrationDataError(
-            f"{label}: cannot convert {type(value).__name__} to a numpy array: {_first_line(exc)}"
+            f"{label}: cannot convert {type(value).__name__} to a numpy array: {first_line(exc)}"
         ) from None
 
 
@@ -476,14 +476,14 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as data:
             return {key: data[key] for key in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise CalibrationDataError(f"{path}: cannot read .npz file: {_first_line(exc)}") from None
+        raise CalibrationDataError(f"{path}: cannot read .npz file: {first_line(exc)}") from None
 
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise CalibrationDataError(f"{path}: cannot read .npy file: {_first_line(exc)}") from None
+        raise CalibrationDataError(f"{path}: cannot read .npy file: {first_line(exc)}") from None
 
 
 def _load_pb_set(folder: Path, inputs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
@@ -498,7 +498,7 @@ def _load_pb_set(folder: Path, inputs: Sequence[InputSpec]) -> dict[str, np.ndar
             arr = numpy_helper.to_array(tensor)
         except (DecodeError, OSError, ValueError, TypeError, KeyError) as exc:
             raise CalibrationDataError(
-                f"{path}: cannot read TensorProto: {_first_line(exc)}"
+                f"{path}: cannot read TensorProto: {first_line(exc)}"
             ) from None
         name = tensor.name
         if not name:
@@ -534,8 +534,3 @@ def _is_tensor(obj: Any) -> bool:
 def _from_torch(obj: Any) -> bool:
     """True for instances of torch classes (subclasses included), without importing torch."""
     return any(cls.__module__.split(".")[0] == "torch" for cls in type(obj).__mro__)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -9,7 +9,7 @@ import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq.errors import ConfigError, UnsupportedModelError
+from onnxq.errors import ConfigError, UnsupportedModelError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _convert(model: ir.Model, current: int, target: int) -> ir.Model:
         converted_proto = onnx.version_converter.convert_version(proto, target)
     except Exception as exc:
         raise UnsupportedModelError(
-            f"cannot upgrade the model from opset {current} to {target}: {_first_line(exc)}"
+            f"cannot upgrade the model from opset {current} to {target}: {first_line(exc)}"
         ) from None
     reached = next(
         (op.version for op in converted_proto.opset_import if op.domain in ("", "ai.onnx")), None
@@ -168,8 +168,3 @@ class CheckDomainsPass(ir.passes.InPlacePass):
 def check_domains(model: ir.Model) -> None:
     """Raise ``UnsupportedModelError`` if a node uses an op domain onnxq does not know."""
     CheckDomainsPass()(model)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
