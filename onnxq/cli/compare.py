@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.options import provider_option
 from onnxq.model_io import check_output_path
-from onnxq.runtime import Provider
 
 
 @click.command("compare")
@@ -23,12 +23,7 @@ from onnxq.runtime import Provider
     help="Evaluation data: .npz file, or a folder of .npz / .npy / test_data_set_* feeds.",
 )
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help=".npy or .npz.")
-@click.option(
-    "--provider",
-    type=click.Choice([p.value for p in Provider]),
-    default=Provider.CPU.value,
-    show_default=True,
-)
+@provider_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", type=int, default=32, show_default=True)

@@ -6,18 +6,13 @@ from pathlib import Path
 
 import click
 
+from onnxq.cli.options import provider_option
 from onnxq.model_io import check_output_path
-from onnxq.runtime import Provider
 
 
 @click.command("inspect")
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
-@click.option(
-    "--provider",
-    type=click.Choice([p.value for p in Provider]),
-    default=Provider.CPU.value,
-    show_default=True,
-)
+@provider_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 def command(model: Path, provider: str, json_path: Path | None) -> None:
     """Count what ORT runs for MODEL after its graph optimizations (int8 / float / Q/DQ)."""

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from onnxq.config import CalibrationMethod
+from onnxq.runtime import Provider
 
 CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
 
@@ -48,6 +49,16 @@ method_option = click.option(
     help="Activation range from the calibration statistics.",
 )
 """``--method``: the activation range method (``QuantConfig.method``)."""
+
+
+provider_option = click.option(
+    "--provider",
+    type=click.Choice([p.value for p in Provider]),
+    default=Provider.CPU.value,
+    show_default=True,
+    help="ONNX Runtime execution provider (cuda needs the onnxruntime-gpu build).",
+)
+"""``--provider``: where ONNX Runtime runs the models; no silent fall-back."""
 
 
 def batching(command: Callable[..., Any]) -> Callable[..., Any]:
