@@ -3,6 +3,8 @@ and size (speed is measured by ``benchmarks/``, not here)."""
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 from support import run
 
@@ -43,3 +45,21 @@ def test_dynamic_int8_with_smoothing(minilm):
     cosine = cosine_per_sample(reference, run(result.model, evaluation)[0])
     assert cosine.mean() >= 0.995
     assert result.model.ByteSize() <= 0.27 * path.stat().st_size
+
+
+@pytest.mark.slow
+def test_dynamic_int8_without_data_smooths_from_random_tokens(minilm):
+    """The issue's setting, batch 1: run time ranges are per sentence, not per batch."""
+    path, _, evaluation, reference = minilm
+    result = quantize_dynamic_with_report(path)
+    assert any("random token sequences" in note for note in result.report.notes)
+    session = ort.InferenceSession(
+        result.model.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    outputs = np.concatenate(
+        [
+            session.run(None, {k: v[i : i + 1] for k, v in evaluation.items()})[0]
+            for i in range(len(reference))
+        ]
+    )
+    assert cosine_per_sample(reference, outputs).mean() >= 0.995
