@@ -13,7 +13,14 @@ from onnxq.calibration.collect import observe
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig
 from onnxq.model_io import input_specs
-from onnxq.passes.smooth_quant import ChannelStatsObserver, SmoothQuantPass, smoothing_groups
+from onnxq.passes.smooth_quant import (
+    ChannelStatsObserver,
+    SmoothQuantPass,
+    fold_route,
+    smoothing_groups,
+)
+
+ROUTE_TOLERANCE = 1e-3  # max |X_new * s - X| over max |X|: float rounding, not a reordering
 
 
 def smooth_model(
@@ -26,17 +33,78 @@ def smooth_model(
     """Smooth ``model`` in place from one pass over ``feeds``; ``proto``, when the caller has
     it, is ``model`` as it is now, serialised (saves serialising again).
 
+    Folds through channel-wise ops are first tried on a copy and kept only where the smoothed
+    activation is ``X / s`` on the first batch (``verified_routes``).
     Returns ``(activation, how the factor was applied)`` for each smoothed group.
     """
     groups = smoothing_groups(model.graph)
     if not groups:
         return []
+    routed = [
+        name
+        for name, nodes in groups.items()
+        if (route := fold_route(nodes[0].inputs[0], nodes)) is not None and route.hops
+    ]
     stats = {name: ChannelStatsObserver() for name in groups}
+    first = {name: FirstBatch() for name in routed}
+    first_feed: list[dict[str, np.ndarray]] = []
+
+    def keep_first(feed: dict[str, np.ndarray]) -> None:
+        if not first_feed:
+            first_feed.append(feed)
+
     proto = ir.to_proto(model) if proto is None else proto
-    observe(proto, {name: [obs] for name, obs in stats.items()}, feeds)
-    smooth = SmoothQuantPass(stats, alpha)
+    observers = {
+        name: [obs] + ([first[name]] if name in first else []) for name, obs in stats.items()
+    }
+    observe(proto, observers, feeds, on_batch=keep_first)
+    verified = verified_routes(proto, {n: stats[n] for n in routed}, first, first_feed, alpha)
+    smooth = SmoothQuantPass(stats, alpha, verified_routes=verified)
     smooth(model)
     return smooth.applied
+
+
+class FirstBatch:
+    """Keeps the first value it sees."""
+
+    def __init__(self) -> None:
+        self.value: np.ndarray | None = None
+
+    def update(self, values: np.ndarray) -> None:
+        if self.value is None:
+            self.value = np.array(values)
+
+
+def verified_routes(
+    proto: onnx.ModelProto,
+    stats: dict[str, ChannelStatsObserver],
+    before: dict[str, FirstBatch],
+    feed: list[dict[str, np.ndarray]],
+    alpha: float,
+) -> frozenset[str]:
+    """The activations whose fold through channel-wise ops really gives ``X / s``: smooth a copy
+    with every such route taken, rerun the first batch, compare ``X_new * s`` with ``X``."""
+    if not stats or not feed:
+        return frozenset()
+    trial = ir.from_proto(proto)
+    trial_smooth = SmoothQuantPass(stats, alpha, verified_routes=None)
+    scales = {
+        name: trial_smooth.scale(name, nodes)
+        for name, nodes in smoothing_groups(trial.graph).items()
+        if name in stats
+    }
+    trial_smooth(trial)
+    after = {name: FirstBatch() for name in stats}
+    observe(ir.to_proto(trial), {name: [obs] for name, obs in after.items()}, feed)
+    verified = set()
+    for name, scale in scales.items():
+        reference, smoothed = before[name].value, after[name].value
+        if reference is None or smoothed is None or smoothed.shape != reference.shape:
+            continue
+        error = np.abs(smoothed * scale.astype(np.float32) - reference).max()
+        if error <= ROUTE_TOLERANCE * (np.abs(reference).max() + 1e-12):
+            verified.add(name)
+    return frozenset(verified)
 
 
 def smooth_from_data(

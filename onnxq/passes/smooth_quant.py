@@ -9,8 +9,13 @@ with ``X / s`` far easier to quantize per tensor. Rules (``SmoothQuantPass``):
    all-MiniLM-L6-v2 it beat 0.5 and 0.9 for both static and dynamic int8, and a per-group
    search on a local error proxy picked larger values that were worse end to end.
 3. ``1 / s`` is folded into ``X``'s producer when nothing else reads ``X``: a
-   LayerNormalization (scale and bias) or a weight MatMul, optionally followed by a bias Add
-   (columns and bias). Otherwise a ``Mul(X, 1 / s)`` feeds the group only (reported).
+   LayerNormalization (scale and bias), or a weight MatMul, optionally followed by a bias Add
+   (columns and bias). The MatMul may also sit behind ops that commute with a positive
+   per-channel factor, each read only by the next: Reshape, Transpose, Relu, and MatMul with
+   the path as its right operand (``P (V / s) = (P V) / s``: attention's value projection feeds
+   the attention output this way). Such a longer route is taken only when ``verified_routes``
+   names ``X`` (``onnxq.smoothing`` checks it numerically: a Reshape may reorder channels).
+   Otherwise a ``Mul(X, 1 / s)`` feeds the group only (reported).
 4. ``s`` is folded into the rows of every ``W`` of the group.
 """
 
@@ -63,12 +68,75 @@ def smoothing_scale(amax: np.ndarray, weights: np.ndarray, alpha: float) -> np.n
     return np.clip(scale, 1e-4, 1e4).astype(np.float64)
 
 
+@dataclass(frozen=True)
+class FoldRoute:
+    """Where ``1 / s`` can go: a LayerNormalization, or a weight MatMul (with its bias Add)
+    reached through ``hops`` channel-commuting ops."""
+
+    target: ir.Node
+    bias_add: tuple[ir.Node, int] | None = None
+    hops: int = 0
+
+
+COMMUTING_OPS = frozenset({"Reshape", "Transpose", "Relu"})
+
+
+def fold_route(x: ir.Value, group: list[ir.Node]) -> FoldRoute | None:
+    """Rule 3's route from ``x`` back to the node that can absorb ``1 / s``, if any."""
+    if {id(use.node) for use in x.uses()} != {id(n) for n in group} or x.is_graph_output():
+        return None
+    producer, hops = x.producer(), 0
+    while producer is not None and _commutes(producer):
+        upstream = producer.inputs[1 if producer.op_type == "MatMul" else 0]
+        if upstream is None or len(upstream.uses()) != 1 or upstream.is_graph_output():
+            return None
+        producer, hops = upstream.producer(), hops + 1
+    if producer is None:
+        return None
+    if producer.op_type == "LayerNormalization":
+        axis = producer.attributes.get("axis")
+        last = axis is None or axis.as_int() in (-1, len(x.shape or ()) - 1)
+        ok = hops == 0 and last and _constants(producer, (1, 2))
+        return FoldRoute(producer) if ok else None
+    matmul, bias_add = producer, None
+    if producer.op_type == "Add":
+        bias_index = next((i for i, v in enumerate(producer.inputs) if is_constant(v)), None)
+        other = producer.inputs[1 - bias_index] if bias_index is not None else None
+        if other is None or other.producer() is None or len(other.uses()) != 1:
+            return None
+        matmul, bias_add = other.producer(), (producer, bias_index)
+    if matmul.op_type != "MatMul" or not _constants(matmul, (1,)):
+        return None
+    weight = matmul.inputs[1].const_value
+    if len(weight.shape) != 2:
+        return None
+    if bias_add is not None:
+        node, index = bias_add
+        if tuple(node.inputs[index].const_value.shape)[-1:] != tuple(weight.shape)[1:]:
+            return None
+    return FoldRoute(matmul, bias_add, hops)
+
+
+def _commutes(node: ir.Node) -> bool:
+    """``node(v * f) = node(v) * f'`` for a positive per-channel ``f`` (``f'`` may be ``f``
+    reordered, which is why routes through these are verified)."""
+    if node.op_type == "MatMul":
+        left, right = node.inputs
+        return not is_constant(left) and not is_constant(right)
+    return node.op_type in COMMUTING_OPS and node.domain in ("", "ai.onnx")
+
+
 @dataclass
 class SmoothQuantPass(ir.passes.InPlacePass):
-    """Apply rules 2-4 with per-activation statistics; ``applied`` names what was done."""
+    """Apply rules 2-4 with per-activation statistics; ``applied`` names what was done.
+
+    ``verified_routes``: activations whose route through commuting ops may be used
+    (``None``: every such route, for a trial run).
+    """
 
     stats: dict[str, ChannelStatsObserver]
     alpha: float = 0.7
+    verified_routes: frozenset[str] | None = frozenset()
     applied: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -80,54 +148,40 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             observer = self.stats.get(name)
             if observer is None or observer.amax is None:
                 continue
-            weights = np.concatenate([n.inputs[1].const_value.numpy() for n in nodes], axis=1)
-            scale = smoothing_scale(observer.amax, weights, self.alpha)
+            scale = self.scale(name, nodes)
             activation = nodes[0].inputs[0]
-            how = _fold_into_producer(activation, nodes, 1.0 / scale) or _insert_mul(
-                graph, activation, nodes, 1.0 / scale
-            )
+            route = fold_route(activation, nodes)
+            if route is not None and route.hops and self.verified_routes is not None:
+                route = route if name in self.verified_routes else None
+            if route is None:
+                how = _insert_mul(graph, activation, nodes, 1.0 / scale)
+            else:
+                how = _fold(route, 1.0 / scale)
             for node in nodes:
                 _set_constant(node, 1, node.inputs[1].const_value.numpy() * scale[:, None])
             self.applied.append((name, how))
         return ir.passes.PassResult(model, modified=bool(self.applied))
 
+    def scale(self, name: str, nodes: list[ir.Node]) -> np.ndarray:
+        """Rule 2's ``s`` for the group of ``nodes`` reading activation ``name``."""
+        weights = np.concatenate([n.inputs[1].const_value.numpy() for n in nodes], axis=1)
+        return smoothing_scale(self.stats[name].amax, weights, self.alpha)
 
-def _fold_into_producer(x: ir.Value, group: list[ir.Node], inverse: np.ndarray) -> str:
-    """Rule 3's folds; empty string when none applies."""
-    readers = {id(use.node) for use in x.uses()}
-    if readers != {id(n) for n in group} or x.is_graph_output():
-        return ""
-    producer = x.producer()
-    if producer is None:
-        return ""
-    if producer.op_type == "LayerNormalization" and _constants(producer, (1, 2)):
-        axis = producer.attributes.get("axis")
-        if axis is not None and axis.as_int() not in (-1, len(x.shape or ()) - 1):
-            return ""
+
+def _fold(route: FoldRoute, inverse: np.ndarray) -> str:
+    """Multiply the route's target by ``1 / s``: LayerNorm scale and bias, or MatMul columns."""
+    node = route.target
+    if node.op_type == "LayerNormalization":
         for index in (1, 2):
-            if len(producer.inputs) > index and producer.inputs[index] is not None:
-                _set_constant(producer, index, producer.inputs[index].const_value.numpy() * inverse)
+            if len(node.inputs) > index and node.inputs[index] is not None:
+                _set_constant(node, index, node.inputs[index].const_value.numpy() * inverse)
         return "folded into LayerNormalization"
-    matmul, bias_add = producer, None
-    if producer.op_type == "Add":
-        bias_index = next((i for i, v in enumerate(producer.inputs) if is_constant(v)), None)
-        other = producer.inputs[1 - bias_index] if bias_index is not None else None
-        if other is None or other.producer() is None or len(other.uses()) != 1:
-            return ""
-        bias = producer.inputs[bias_index].const_value.numpy()
-        if bias.shape[-1:] != inverse.shape:
-            return ""
-        matmul, bias_add = other.producer(), (producer, bias_index)
-    if matmul.op_type != "MatMul" or not _constants(matmul, (1,)):
-        return ""
-    weight = matmul.inputs[1].const_value.numpy()
-    if weight.ndim != 2 or len(matmul.inputs[1].uses()) != 1:
-        return ""
-    _set_constant(matmul, 1, weight * inverse[None, :])
-    if bias_add is not None:
-        node, index = bias_add
-        _set_constant(node, index, node.inputs[index].const_value.numpy() * inverse)
-    return "folded into the preceding MatMul"
+    _set_constant(node, 1, node.inputs[1].const_value.numpy() * inverse[None, :])
+    if route.bias_add is not None:
+        add, index = route.bias_add
+        _set_constant(add, index, add.inputs[index].const_value.numpy() * inverse)
+    through = f" through {route.hops} channel-wise ops" if route.hops else ""
+    return f"folded into the preceding MatMul{through}"
 
 
 def _insert_mul(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray) -> str:
@@ -157,7 +211,9 @@ def _set_constant(node: ir.Node, index: int, array: np.ndarray) -> None:
     """Replace a node's constant input by a new initializer (the old one may be shared)."""
     old = node.inputs[index]
     graph = node.graph
-    name = f"{old.name}_smoothed"
+    name, copies = f"{old.name}_smoothed", 1
+    while name in graph.initializers:  # a shared constant scaled for another reader
+        name, copies = f"{old.name}_smoothed{copies}", copies + 1
     value = ir.Value(
         name=name, const_value=ir.tensor(np.asarray(array, dtype=np.float32), name=name)
     )
