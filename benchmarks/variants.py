@@ -49,6 +49,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("onnxq-static-nearest", "onnxq static (nearest rounding)", "onnx"),
     Variant("onnxq-dynamic", "onnxq dynamic (no data)", "onnx"),
     Variant("onnxq-dynamic-smooth", "onnxq dynamic (SmoothQuant from calibration data)", "onnx"),
+    Variant("onnxq-dynamic-plain", "onnxq dynamic (no data, no SmoothQuant)", "onnx"),
     Variant("ort-static-defaults", "ORT quantize_static (defaults)", "onnx"),
     Variant("ort-static-best", "ORT quantize_static (best CPU settings)", "onnx"),
     Variant("ort-dynamic", "ORT quantize_dynamic", "onnx"),
@@ -107,13 +108,21 @@ def onnxq_static(job: Job, calib: Feeds, **changes: Any) -> Quantized:
     )
 
 
-def onnxq_dynamic(job: Job, calib: Feeds, *, smooth: bool = False) -> Quantized:
+def onnxq_dynamic(
+    job: Job, calib: Feeds, *, smooth: bool = False, smooth_alpha: float | None = 0.7
+) -> Quantized:
     """``onnxq.dynamic.quantize_dynamic_with_report``; with ``smooth`` the calibration data
-    feeds SmoothQuant (dynamic mode needs no data otherwise)."""
+    feeds SmoothQuant (dynamic mode needs no data otherwise; token models are then smoothed
+    from random tokens unless ``smooth_alpha`` is ``None``)."""
+    from onnxq.config import QuantConfig
     from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.model_io import save_model
 
-    result = quantize_dynamic_with_report(job.fp32, calibration_data=calib if smooth else None)
+    result = quantize_dynamic_with_report(
+        job.fp32,
+        QuantConfig(smooth_alpha=smooth_alpha),
+        calibration_data=calib if smooth else None,
+    )
     save_model(result.model, job.out)
     report = result.report
     return Quantized([f"{len(report.quantized)} nodes int8", *report.notes])
@@ -246,6 +255,7 @@ ONNX_QUANTIZERS: dict[str, Callable[..., Quantized]] = {
     "onnxq-static-nearest": lambda job, calib: onnxq_static(job, calib, weight_rounding="nearest"),
     "onnxq-dynamic": onnxq_dynamic,
     "onnxq-dynamic-smooth": lambda job, calib: onnxq_dynamic(job, calib, smooth=True),
+    "onnxq-dynamic-plain": lambda job, calib: onnxq_dynamic(job, calib, smooth_alpha=None),
     "ort-static-defaults": ort_static_defaults,
     "ort-static-best": ort_static_best,
     "ort-dynamic": ort_dynamic,
