@@ -92,8 +92,10 @@ class QuantConfig:
             MatMul/Gemm keep an int8 kernel with a float output, and the model's
             outputs keep full precision.
         smooth_alpha: SmoothQuant migration strength for the inputs of weight MatMuls
-            (``None``: off). Static mode smooths from the calibration data; dynamic mode
-            only when given calibration data.
+            (``None``: off). Static mode smooths from the calibration data; dynamic mode from
+            the calibration data when given, else (token models) from random token sequences.
+        smooth_fold_only: smooth only the inputs whose factor folds into a producer, so that
+            SmoothQuant adds no node; by default the others get a ``Mul``.
         quantize_embeddings: store embedding tables (Gather of a constant matrix) as int8
             with per-row scales.
     """
@@ -116,6 +118,7 @@ class QuantConfig:
     quantize_outputs: bool = False
     quantize_embeddings: bool = True
     smooth_alpha: float | None = 0.7
+    smooth_fold_only: bool = False
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:

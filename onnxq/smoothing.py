@@ -28,6 +28,7 @@ def smooth_model(
     feeds: Iterable[dict[str, np.ndarray]],
     *,
     alpha: float = 0.7,
+    fold_only: bool = False,
     proto: onnx.ModelProto | None = None,
 ) -> list[tuple[str, str]]:
     """Smooth ``model`` in place from one pass over ``feeds``; ``proto``, when the caller has
@@ -59,7 +60,7 @@ def smooth_model(
     }
     observe(proto, observers, feeds, on_batch=keep_first)
     verified = verified_routes(proto, {n: stats[n] for n in routed}, first, first_feed, alpha)
-    smooth = SmoothQuantPass(stats, alpha, verified_routes=verified)
+    smooth = SmoothQuantPass(stats, alpha, verified_routes=verified, fold_only=fold_only)
     smooth(model)
     return smooth.applied
 
@@ -122,7 +123,9 @@ def smooth_from_data(
     )
     if not feeds.reiterable:
         return False, ["SmoothQuant skipped: the calibration source can be read only once"]
-    applied = smooth_model(model, feeds, alpha=config.smooth_alpha, proto=proto)
+    applied = smooth_model(
+        model, feeds, alpha=config.smooth_alpha, fold_only=config.smooth_fold_only, proto=proto
+    )
     if not applied:
         return False, []
     folded = sum(how.startswith("folded") for _, how in applied)

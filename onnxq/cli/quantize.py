@@ -61,9 +61,16 @@ from onnxq.model_io import check_output_path, save_model, write_json
     type=float,
     default=0.7,
     show_default=True,
-    help="SmoothQuant strength for weight-MatMul inputs (with --calib).",
+    help="SmoothQuant strength for weight-MatMul inputs (from --calib; dynamic mode without "
+    "it: from random token sequences, for token models).",
 )
 @click.option("--no-smooth", is_flag=True, help="Turn SmoothQuant off.")
+@click.option(
+    "--smooth-fold-only",
+    is_flag=True,
+    help="Smooth only where the factor folds into a LayerNorm or MatMul (SmoothQuant adds no "
+    "node; post-LN encoders then smooth fewer inputs).",
+)
 @method_option
 @click.option("--percentile", type=float, default=99.999, show_default=True)
 @click.option(
@@ -136,6 +143,7 @@ def command(
     weight_rounding: str,
     smooth_alpha: float,
     no_smooth: bool,
+    smooth_fold_only: bool,
     method: str,
     percentile: float,
     averaging_constant: float,
@@ -189,6 +197,7 @@ def command(
         quantize_outputs=quantize_outputs,
         weight_rounding=weight_rounding,
         smooth_alpha=None if no_smooth else smooth_alpha,
+        smooth_fold_only=smooth_fold_only,
     )
     targeted = min_cosine is not None or max_drop is not None
     if targeted != (eval_data is not None) or (

@@ -15,7 +15,9 @@ with ``X / s`` far easier to quantize per tensor. Rules (``SmoothQuantPass``):
    the path as its right operand (``P (V / s) = (P V) / s``: attention's value projection feeds
    the attention output this way). Such a longer route is taken only when ``verified_routes``
    names ``X`` (``onnxq.smoothing`` checks it numerically: a Reshape may reorder channels).
-   Otherwise a ``Mul(X, 1 / s)`` feeds the group only (reported).
+   Otherwise a ``Mul(X, 1 / s)`` feeds the group only (reported), or, with ``fold_only``,
+   the group is not smoothed. In a post-LN encoder (BERT) every LayerNorm output also feeds
+   a residual Add and the FFN's second input follows GELU: no exact fold exists there.
 4. ``s`` is folded into the rows of every ``W`` of the group.
 """
 
@@ -131,12 +133,13 @@ class SmoothQuantPass(ir.passes.InPlacePass):
     """Apply rules 2-4 with per-activation statistics; ``applied`` names what was done.
 
     ``verified_routes``: activations whose route through commuting ops may be used
-    (``None``: every such route, for a trial run).
+    (``None``: every such route, for a trial run). ``fold_only``: never insert a ``Mul``.
     """
 
     stats: dict[str, ChannelStatsObserver]
     alpha: float = 0.7
     verified_routes: frozenset[str] | None = frozenset()
+    fold_only: bool = False
     applied: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -153,6 +156,8 @@ class SmoothQuantPass(ir.passes.InPlacePass):
             route = fold_route(activation, nodes)
             if route is not None and route.hops and self.verified_routes is not None:
                 route = route if name in self.verified_routes else None
+            if route is None and self.fold_only:
+                continue
             if route is None:
                 how = _insert_mul(graph, activation, nodes, 1.0 / scale)
             else:

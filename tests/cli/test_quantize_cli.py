@@ -204,12 +204,21 @@ def test_bad_option_values(cnn_path, calib_npz, tmp_path):
 def test_dynamic_mode_needs_no_data(cnn_path, tmp_path):
     out, summary = tmp_path / "dyn.onnx", tmp_path / "dyn.json"
     result = _invoke(
-        "quantize", cnn_path, "-o", out, "--mode", "dynamic", "--summary-json", summary
+        "quantize",
+        cnn_path,
+        "-o",
+        out,
+        "--mode",
+        "dynamic",
+        "--summary-json",
+        summary,
+        "--smooth-fold-only",
     )
     assert result.exit_code == 0, result.output
     assert "dynamic: reduce_range" in result.output and out.exists()
     report = json.loads(summary.read_text())
     assert report["config"]["mode"] == "dynamic" and report["samples"] == 0
+    assert report["config"]["smooth_fold_only"] is True
     assert any(d["op_type"] == "Gemm" and d["quantized"] for d in report["decisions"])
 
 

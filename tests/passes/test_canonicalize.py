@@ -11,16 +11,22 @@ from support import run
 from onnxq.passes.prepare import prepare
 
 CASES = {
-    "axes input, keepdims": ("""
+    "axes input, keepdims": (
+        """
         <ir_version: 8, opset_import: ["" : 18]>
         g (float[N, 4, 5, 6] x) => (float[N, 4, 1, 1] y) <int64[2] axes = {2, 3}> {
             y = ReduceMean(x, axes)
-        }""", "GlobalAveragePool"),
-    "axes attribute, no keepdims": ("""
+        }""",
+        "GlobalAveragePool",
+    ),
+    "axes attribute, no keepdims": (
+        """
         <ir_version: 8, opset_import: ["" : 13]>
         g (float[N, 4, 5, 6] x) => (float[N, 4] y) {
             y = ReduceMean <axes = [-1, -2], keepdims = 0> (x)
-        }""", "Flatten"),
+        }""",
+        "Flatten",
+    ),
 }
 
 

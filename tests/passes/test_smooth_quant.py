@@ -87,3 +87,15 @@ def test_value_path_folds_only_when_channels_line_up(perm, folded):
     np.testing.assert_allclose(run(smoothed, feed)[0], run(proto, feed)[0], rtol=1e-4, atol=1e-4)
     b_v = {t.name for t in smoothed.graph.initializer if t.name.startswith("b_v")}
     assert (b_v != {"b_v"}) is folded  # the value projection's bias was rescaled
+
+
+def test_fold_only_adds_no_node():
+    proto = _outlier_value_model((0, 2, 1, 3))
+    model = prepare(ir.from_proto(proto))
+    nodes_before = len(model.graph)
+    applied = smooth_model(model, _feeds(np.random.default_rng(1), 3), fold_only=True)
+    assert [name for name, _ in applied] == ["ctx_m"]  # x (a graph input) cannot fold: skipped
+    assert len(model.graph) == nodes_before
+    feed = _feeds(np.random.default_rng(2), 1)[0]
+    smoothed = ir.to_proto(model)
+    np.testing.assert_allclose(run(smoothed, feed)[0], run(proto, feed)[0], rtol=1e-4, atol=1e-4)
