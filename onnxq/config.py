@@ -91,6 +91,9 @@ class QuantConfig:
         quantize_outputs: also quantize tensors that are graph outputs. Off by default:
             MatMul/Gemm keep an int8 kernel with a float output, and the model's
             outputs keep full precision.
+        quantize_activation_matmuls: static mode quantizes MatMuls of two activations
+            (attention scores and context) on their own, not only inside an int8 region.
+            Off by default: at short sequences they cost more in Q/DQ than int8 saves.
         smooth_alpha: SmoothQuant migration strength for the inputs of weight MatMuls
             (``None``: off). Static mode smooths from the calibration data; dynamic mode from
             the calibration data when given, else (token models) from random token sequences.
@@ -116,6 +119,7 @@ class QuantConfig:
     averaging_constant: float = 0.01
     weight_range: WeightRange = WeightRange.MINMAX
     quantize_outputs: bool = False
+    quantize_activation_matmuls: bool = False
     quantize_embeddings: bool = True
     smooth_alpha: float | None = 0.7
     smooth_fold_only: bool = False

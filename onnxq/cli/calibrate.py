@@ -58,6 +58,7 @@ def command(
     exclude_op_types: tuple[str, ...],
     exclude_nodes: tuple[str, ...],
     quantize_outputs: bool,
+    quantize_activation_matmuls: bool,
 ) -> None:
     """Observe MODEL's activations on --calib data and write their statistics to -o."""
     from tqdm import tqdm
@@ -77,6 +78,7 @@ def command(
         batch_size=batch_size,
         max_samples=max_samples,
         quantize_outputs=quantize_outputs,
+        quantize_activation_matmuls=quantize_activation_matmuls,
     )
     methods = ALL_METHODS if method is None else (CalibrationMethod(method),)
     with tqdm(

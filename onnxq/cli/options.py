@@ -14,7 +14,8 @@ CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
 
 
 def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--op-types``, ``--exclude-op-types``, ``--exclude-nodes``, ``--quantize-outputs``."""
+    """``--op-types``, ``--exclude-op-types``, ``--exclude-nodes``, ``--quantize-outputs``,
+    ``--quantize-activation-matmuls``."""
     for option in reversed(
         [
             click.option(
@@ -25,6 +26,11 @@ def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--exclude-nodes", multiple=True, help="Regex on node names left in float."
             ),
             click.option("--quantize-outputs", is_flag=True, help="Also quantize graph outputs."),
+            click.option(
+                "--quantize-activation-matmuls",
+                is_flag=True,
+                help="Static: also quantize MatMuls of two activations (attention) on their own.",
+            ),
         ]
     ):
         command = option(command)

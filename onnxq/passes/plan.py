@@ -14,7 +14,8 @@
 5. Ops with a constant weight (Conv, Gemm, weight MatMul) are anchors. Every other op
    (element-wise, pooling, Concat, MatMul of two activations) is quantized only inside an int8
    region: its inputs come from quantized outputs and a quantized op reads its output. So a
-   residual Add into LayerNorm, or attention MatMuls fed by float bias Adds, stay float.
+   residual Add into LayerNorm, or attention MatMuls fed by float bias Adds, stay float
+   (``quantize_activation_matmuls`` makes MatMuls of two activations anchors too).
 6. Pass-through ops (reshape, pooling by max, ...) whose data input is quantized share that
    input's qparams for their output, so chains of them stay int8.
 7. Tensors in ``skip_tensors`` (e.g. no finite calibration values) are never quantized; nodes
@@ -135,7 +136,8 @@ def plan_quantization(
                 "cannot be quantized)"
             )
             continue
-        candidates.append(_Candidate(node, rule, point, label))
+        forced = config.quantize_activation_matmuls and node.op_type == "MatMul"
+        candidates.append(_Candidate(node, rule, point, label, forced))
 
     kept, pruned = _prune_followers(graph, candidates)
     for candidate, reason in pruned:
@@ -169,11 +171,12 @@ class _Candidate:
     rule: OpRule
     point: ir.Value | None
     label: str
+    forced_anchor: bool = False
 
     @property
     def anchor(self) -> bool:
-        """Ops with a constant weight: worth int8 on their own (rule 5)."""
-        if self.rule.weight_input is not None:
+        """Ops with a constant weight, or forced by the config: int8 on their own (rule 5)."""
+        if self.forced_anchor or self.rule.weight_input is not None:
             return True
         return self.rule.constant_operands_ok and any(is_constant(v) for v in self.node.inputs)
 

@@ -112,3 +112,21 @@ def test_smoothing_is_exact_in_float_and_helps_int8(encoder):
     ids = _ids(np.random.default_rng(7), 8)
     reference, float_smoothed = run(encoder, {"ids": ids})[0], run(smoothed, {"ids": ids})[0]
     np.testing.assert_allclose(float_smoothed, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_matmuls_are_quantized_only_on_request(encoder, tmp_path):
+    rng = np.random.default_rng(0)
+    calib = {"ids": _ids(rng, 32)}
+
+    def quantized_matmuls(config: QuantConfig) -> tuple[int, onnx.ModelProto]:
+        result = quantize_with_report(encoder, calib, config)
+        return sum(d.quantized and d.op_type == "MatMul" for d in result.report.decisions), (
+            result.model
+        )
+
+    default, _ = quantized_matmuls(QuantConfig())
+    opted, model = quantized_matmuls(QuantConfig(quantize_activation_matmuls=True))
+    assert opted == default + 4  # scores and context, in each of the 2 layers
+    ids = _ids(np.random.default_rng(7), 16)
+    cosine = _cosine(run(encoder, {"ids": ids})[0], run(model, {"ids": ids})[0])
+    assert cosine.mean() >= 0.99
