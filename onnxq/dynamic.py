@@ -7,14 +7,21 @@ from random token sequences (``onnxq.calibration.synthetic``).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from itertools import islice
 from typing import Any
 
+import numpy as np
 import onnx
 
+from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
 from onnxq.config import QuantConfig
-from onnxq.model_io import model_proto
+from onnxq.evaluate import sqnr_db
+from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.plan import NodeDecision
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
     ModelSource,
@@ -25,8 +32,10 @@ from onnxq.pipeline import (
     refuse_quantized,
     resolve_reduce_range,
 )
+from onnxq.runtime import make_session
 
 SYNTHETIC_SEQUENCES = 32
+GUARD_BATCHES = 4
 
 
 def quantize_dynamic(
@@ -43,25 +52,37 @@ def quantize_dynamic(
 def quantize_dynamic_with_report(
     model: ModelSource, config: QuantConfig | None = None, *, calibration_data: Any = None
 ) -> QuantResult:
-    """``quantize_dynamic`` plus a ``QuantizationReport`` (``samples`` is 0)."""
+    """``quantize_dynamic`` plus a ``QuantizationReport`` (``samples`` is 0).
+
+    SmoothQuant is kept only if it raises the output SQNR (against fp32) on the first
+    ``GUARD_BATCHES`` batches of the data it was computed from; else the unsmoothed model is
+    returned, and the report says so.
+    """
     config = config or QuantConfig()
     proto = model_proto(model)
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
-    smoothing_data, source_notes = calibration_data, []
+    smoothing_data, notes = calibration_data, []
     if calibration_data is None and config.smooth_alpha is not None:
         smoothing_data = synthetic_token_feeds(proto, samples=SYNTHETIC_SEQUENCES)
         if smoothing_data is not None:
-            source_notes = [
+            notes = [
                 f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
                 "(no calibration data given)"
             ]
-    float_model, _, notes = prepare_float(proto, config, smoothing_data)
-    notes = source_notes + notes if notes else notes
-    decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
-    if config.quantize_embeddings:
-        decisions += quantize_embeddings(float_model)
-    out = finish(float_model, config, reduce_range)
+    out, decisions, smooth_notes = _build(proto, config, reduce_range, smoothing_data)
+    feeds = None
+    if smoothing_data is not None:
+        feeds = open_feeds(smoothing_data, input_specs(proto), batch_size=config.batch_size)
+    if smooth_notes and feeds is not None and feeds.reiterable:  # one-shot data: not smoothed
+        plain, plain_decisions, _ = _build(proto, replace(config, smooth_alpha=None), reduce_range)
+        smoothed_db, plain_db = _output_sqnr(proto, (out, plain), islice(feeds, GUARD_BATCHES))
+        verdict = f"output SQNR {smoothed_db:.1f} dB smoothed, {plain_db:.1f} dB not"
+        if smoothed_db >= plain_db:
+            smooth_notes.append(f"SmoothQuant kept: {verdict}")
+        else:
+            out, decisions = plain, plain_decisions
+            smooth_notes.append(f"SmoothQuant dropped: {verdict}")
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -70,6 +91,31 @@ def quantize_dynamic_with_report(
         reduce_range=reduce_range,
         reduce_range_reason=reduce_reason,
         config={**config.to_dict(), "mode": "dynamic"},
-        notes=notes,
+        notes=notes + smooth_notes,
     )
     return QuantResult(out, report)
+
+
+def _build(
+    proto: onnx.ModelProto, config: QuantConfig, reduce_range: bool, smoothing_data: Any = None
+) -> tuple[onnx.ModelProto, list[NodeDecision], list[str]]:
+    """Prepare (and smooth), int8 weights, check: the model, its decisions, smoothing notes."""
+    float_model, _, notes = prepare_float(proto, config, smoothing_data)
+    decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
+    if config.quantize_embeddings:
+        decisions += quantize_embeddings(float_model)
+    return finish(float_model, config, reduce_range), decisions, notes
+
+
+def _output_sqnr(
+    reference: onnx.ModelProto,
+    models: Sequence[onnx.ModelProto],
+    feeds: Iterable[dict[str, np.ndarray]],
+) -> list[float]:
+    """SQNR (dB) of each model's float outputs against ``reference``'s over ``feeds``."""
+    sessions = [make_session(m.SerializeToString()) for m in (reference, *models)]
+    outputs: list[list[np.ndarray]] = [[] for _ in sessions]
+    for feed in feeds:
+        for collected, session in zip(outputs, sessions, strict=True):
+            collected += [o for o in session.run(None, feed) if np.asarray(o).dtype.kind == "f"]
+    return [sqnr_db(outputs[0], got) for got in outputs[1:]]

@@ -130,3 +130,19 @@ def test_attention_matmuls_are_quantized_only_on_request(encoder, tmp_path):
     ids = _ids(np.random.default_rng(7), 16)
     cosine = _cosine(run(encoder, {"ids": ids})[0], run(model, {"ids": ids})[0])
     assert cosine.mean() >= 0.99
+
+
+def test_dynamic_keeps_smoothing_only_when_it_raises_output_sqnr(encoder, monkeypatch):
+    import onnxq.dynamic
+
+    kept = quantize_dynamic_with_report(encoder)
+    assert any(note.startswith("SmoothQuant kept: output SQNR") for note in kept.report.notes)
+
+    def smoothing_looks_worse(reference, models, feeds):
+        return [10.0, 20.0]  # smoothed, plain
+
+    monkeypatch.setattr(onnxq.dynamic, "_output_sqnr", smoothing_looks_worse)
+    dropped = quantize_dynamic_with_report(encoder)
+    assert any(note.startswith("SmoothQuant dropped") for note in dropped.report.notes)
+    plain = quantize_dynamic_with_report(encoder, QuantConfig(smooth_alpha=None))
+    assert dropped.model.SerializeToString() == plain.model.SerializeToString()
