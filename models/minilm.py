@@ -18,27 +18,20 @@ sequence lengths.
 from __future__ import annotations
 
 import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-import onnx
 import torch
 from torch import nn
 
-from onnxq.errors import ConfigError, ExportError
-from onnxq.export import DYNAMO_MIN_OPSET, compare_outputs
-from onnxq.model_io import check_output_path, save_model
+from onnxq.errors import ConfigError
+from onnxq.export import Exporter, export_torch
 
 EMBEDDING_DIM = 384
 DEFAULT_SEQ_LEN = 64
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "sentence_embedding"
-DEFAULT_OPSET = {"torchscript": 17, "dynamo": DYNAMO_MIN_OPSET}
-Exporter = Literal["torchscript", "dynamo"]
 
 
 def _go_offline() -> None:
@@ -135,104 +128,25 @@ def export_minilm(
 ) -> MiniLMExport:
     """Export the encoder with dynamic ``batch`` and ``sequence`` axes, verified with ORT.
 
-    ``opset`` defaults to 17 (torchscript) or 18 (dynamo, its minimum). The model is traced
-    at ``[2, seq_len]`` and checked against torch at ``[2, seq_len]`` and ``[3, seq_len // 2]``;
-    nothing is written unless every element agrees within ``atol + rtol * |torch|``.
+    ``onnxq.export_torch`` validates the options, traces at ``[2, seq_len]`` and checks ORT
+    against torch there, at ``[4, seq_len]`` and at ``[2, seq_len // 2]``; nothing is written
+    unless every element agrees within ``atol + rtol * |torch|``. ``opset`` defaults to 17
+    (torchscript) or 18 (dynamo, its minimum).
     """
-    if exporter not in DEFAULT_OPSET:
-        raise ConfigError(f"unknown exporter {exporter!r}; choose torchscript or dynamo")
-    opset = DEFAULT_OPSET[exporter] if opset is None else opset
-    if exporter == "dynamo" and opset < DYNAMO_MIN_OPSET:
-        raise ConfigError(f"the dynamo exporter needs opset >= {DYNAMO_MIN_OPSET}, got {opset}")
     if seq_len < 8:
         raise ConfigError(f"seq_len must be >= 8, got {seq_len}")
-    out = check_output_path(path)
     module = encoder if encoder is not None else load_encoder()
-    module.eval()
-    shapes = ((2, seq_len), (3, seq_len // 2))
-    checks = [example_inputs(*shape) for shape in shapes]
-    with tempfile.TemporaryDirectory(prefix="onnxq-minilm-") as tmp:
-        proto = _export(module, checks[0], Path(tmp), exporter, opset)
-    worst = _verify(module, proto, checks, rtol=rtol, atol=atol)
-    save_model(proto, out)
-    return MiniLMExport(out, exporter, opset, worst, shapes)
-
-
-def _export(
-    module: nn.Module, inputs: tuple[torch.Tensor, ...], tmp: Path, exporter: str, opset: int
-) -> onnx.ModelProto:
-    """Run one torch exporter with symbolic ``batch`` and ``sequence`` axes."""
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            if exporter == "torchscript":
-                axes: dict[str, dict[int, str]] = {
-                    name: {0: "batch", 1: "sequence"} for name in INPUT_NAMES
-                }
-                axes[OUTPUT_NAME] = {0: "batch"}
-                target = tmp / "model.onnx"
-                torch.onnx.export(
-                    module,
-                    inputs,
-                    os.fspath(target),
-                    dynamo=False,
-                    input_names=list(INPUT_NAMES),
-                    output_names=[OUTPUT_NAME],
-                    opset_version=opset,
-                    dynamic_axes=axes,
-                    do_constant_folding=True,
-                )
-                return onnx.load(os.fspath(target))
-            batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence", max=512)
-            dims = {0: batch, 1: sequence}
-            program = torch.onnx.export(
-                module,
-                inputs,
-                dynamo=True,
-                verbose=False,
-                input_names=list(INPUT_NAMES),
-                output_names=[OUTPUT_NAME],
-                opset_version=opset,
-                dynamic_shapes={"input_ids": dims, "attention_mask": dims},
-                artifacts_dir=os.fspath(tmp),
-            )
-            return program.model_proto
-    except Exception as exc:
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise ExportError(f"torch.onnx.export ({exporter}) failed: {first}") from None
-
-
-def _verify(
-    module: nn.Module,
-    proto: onnx.ModelProto,
-    checks: list[tuple[torch.Tensor, ...]],
-    *,
-    rtol: float,
-    atol: float,
-) -> float:
-    """ORT vs torch on every check; returns the worst abs error or raises ``ExportError``."""
-    import onnxruntime as ort
-
-    for value in proto.graph.input:
-        dims = value.type.tensor_type.shape.dim
-        if len(dims) != 2 or not all(d.HasField("dim_param") for d in dims):
-            raise ExportError(f"input {value.name!r} lost its dynamic batch/sequence axes")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    result = export_torch(
+        module,
+        example_inputs(2, seq_len),
+        path,
+        input_names=INPUT_NAMES,
+        output_names=[OUTPUT_NAME],
+        dynamic_axes={name: {1: "sequence"} for name in INPUT_NAMES},
+        opset=opset,
+        exporter=exporter,
+        rtol=rtol,
+        atol=atol,
     )
-    worst = 0.0
-    for inputs in checks:
-        with torch.no_grad():
-            expected = module(*inputs).numpy()
-        feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
-        (actual,) = session.run([OUTPUT_NAME], feed)
-        error, ok = compare_outputs(np.asarray(actual), expected, rtol=rtol, atol=atol)
-        worst = max(worst, error)
-        if not ok:
-            raise ExportError(
-                f"ONNX Runtime does not reproduce torch at shape {list(inputs[0].shape)}: "
-                f"differs by up to {error:.3g}"
-            )
-    return worst
+    shapes = ((2, seq_len), (4, seq_len), (2, seq_len // 2))
+    return MiniLMExport(result.path, exporter, result.opset, result.max_abs_error, shapes)

@@ -5,9 +5,11 @@ This is the only module of onnxq that imports torch, and only inside functions:
 
 ``export_torch`` puts the module in eval mode, exports it with the TorchScript exporter
 (``torch.onnx.export(dynamo=False)``) or the ``torch.export``-based one (``dynamo=True``), runs the
-result in ONNX Runtime on the example inputs (and, with a dynamic batch, on the example inputs
-concatenated with themselves along axis 0) and compares with PyTorch. Only a model that reproduces
-PyTorch within ``atol + rtol * |torch|`` is written, atomically.
+result in ONNX Runtime on the example inputs and compares with PyTorch. Every symbolic axis is
+proven by one more check: a dynamic batch on the example inputs concatenated with themselves
+along axis 0, each extra named axis (``dynamic_axes``, e.g. a sequence) on the example inputs cut
+to half their length along it. Only a model that reproduces PyTorch within
+``atol + rtol * |torch|`` is written, atomically.
 
 ``load_factory`` turns ``"package.module:factory"`` into the factory's result. A factory takes no
 arguments and returns either a ``torch.nn.Module`` or ``(module, example_inputs)``.
@@ -22,7 +24,7 @@ import re
 import sys
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -71,6 +73,7 @@ def export_torch(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
     opset: int | None = None,
     exporter: Exporter = "torchscript",
     rtol: float = 1e-3,
@@ -86,6 +89,9 @@ def export_torch(
         output_names: graph output names (default ``output``, ``output_1``, ...).
         dynamic_batch: make axis 0 of every input and output the symbolic dim ``batch``, and
             prove it by also checking the doubled batch.
+        dynamic_axes: more symbolic input axes, ``{input name: {axis: dim name}}`` (axis >= 1;
+            inputs sharing a dim name share the dim); each name is proven by also checking the
+            inputs cut to half their length along it.
         opset: default-domain opset; ``None`` picks 17 (torchscript) or 18 (dynamo, its minimum).
         exporter: ``"torchscript"`` or ``"dynamo"``.
         rtol, atol: an element fails when ``|ort - torch| > atol + rtol * |torch|``.
@@ -108,6 +114,7 @@ def export_torch(
     out = check_output_path(path)
     inputs = _as_input_tuple(torch, example_inputs)
     in_names = _names(input_names, len(inputs), "input")
+    extra_axes = _extra_axes(dynamic_axes, in_names, inputs)
     if dynamic_batch:
         for name, tensor in zip(in_names, inputs, strict=True):
             if tensor.dim() == 0:
@@ -126,6 +133,14 @@ def export_torch(
             doubled_expected = _run_torch(
                 torch, module, doubled_inputs, "the doubled example batch (dynamic batch check)"
             )
+        halved = {
+            dim: _halved(torch, inputs, in_names, extra_axes, dim)
+            for dim in sorted({d for axes in extra_axes.values() for d in axes.values()})
+        }
+        halved_expected = {
+            dim: _run_torch(torch, module, cut, f"the inputs with {dim!r} halved")
+            for dim, cut in halved.items()
+        }
         batch_outputs = [n for n, e in zip(out_names, expected, strict=True) if e.ndim > 0]
         with tempfile.TemporaryDirectory(prefix="onnxq-export-") as tmp:
             proto = _export(
@@ -138,6 +153,7 @@ def export_torch(
                 input_names=in_names,
                 output_names=out_names,
                 dynamic_batch=dynamic_batch,
+                extra_axes=extra_axes,
                 batch_outputs=batch_outputs,
             )
     finally:
@@ -151,9 +167,11 @@ def export_torch(
         raise ExportError(f"the exported model fails the ONNX checker: {reason}") from None
     if dynamic_batch:
         _check_batch_axis(proto, in_names)
+    _check_extra_axes(proto, extra_axes)
     checks = [(inputs, expected, "")]
     if doubled_inputs is not None:
         checks.append((doubled_inputs, doubled_expected, " (dynamic batch check)"))
+    checks += [(halved[d], halved_expected[d], f" ({d!r} halved)") for d in halved]
     worst = _verify(proto, in_names, out_names, checks, rtol=rtol, atol=atol)
     save_model(proto, out)
     return ExportResult(out, worst, (float(rtol), float(atol)), _default_opset(proto))
@@ -314,6 +332,7 @@ def _export(
     input_names: list[str],
     output_names: list[str],
     dynamic_batch: bool,
+    extra_axes: dict[str, dict[int, str]],
     batch_outputs: list[str],
 ) -> onnx.ModelProto:
     """Run the chosen torch exporter into ``tmp`` and return the loaded model."""
@@ -323,9 +342,11 @@ def _export(
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export")
             warnings.filterwarnings("ignore", message=".*Exporting a model while it is in training")
             if exporter == "torchscript":
-                axes = None
+                axes: dict[str, dict[int, str]] = {}
                 if dynamic_batch:
                     axes = {n: {0: BATCH_DIM} for n in [*input_names, *batch_outputs]}
+                for name, extra in extra_axes.items():
+                    axes[name] = {**axes.get(name, {}), **extra}
                 target = tmp / "model.onnx"
                 torch.onnx.export(
                     module,
@@ -335,14 +356,21 @@ def _export(
                     input_names=input_names,
                     output_names=output_names,
                     opset_version=opset,
-                    dynamic_axes=axes,
+                    dynamic_axes=axes or None,
                     do_constant_folding=True,
                 )
                 return onnx.load(os.fspath(target))
             shapes = None
-            if dynamic_batch:
-                batch = torch.export.Dim(BATCH_DIM)
-                shapes = tuple({0: batch} for _ in inputs)
+            if dynamic_batch or extra_axes:
+                names = {d for axes in extra_axes.values() for d in axes.values()}
+                dims = {name: torch.export.Dim(name) for name in names | {BATCH_DIM}}
+                shapes = tuple(
+                    {
+                        **({0: dims[BATCH_DIM]} if dynamic_batch else {}),
+                        **{a: dims[d] for a, d in extra_axes.get(name, {}).items()},
+                    }
+                    for name in input_names
+                )
             program = torch.onnx.export(
                 module,
                 inputs,
@@ -431,6 +459,56 @@ def _check_batch_axis(proto: onnx.ModelProto, input_names: list[str]) -> None:
                 f"the exporter fixed axis 0 of input {value.name!r} to {dim.dim_value}: the module "
                 "bakes the batch size in (e.g. int(x.shape[0])); fix it or use dynamic_batch=False"
             )
+
+
+def _extra_axes(
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None,
+    input_names: list[str],
+    inputs: tuple[Any, ...],
+) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` checked against the inputs: known names, axes >= 1 within the rank."""
+    extra: dict[str, dict[int, str]] = {}
+    ranks = {name: tensor.dim() for name, tensor in zip(input_names, inputs, strict=True)}
+    for name, axes in (dynamic_axes or {}).items():
+        if name not in ranks:
+            raise ConfigError(f"dynamic_axes names {name!r}, not an input ({', '.join(ranks)})")
+        for axis, dim in axes.items():
+            if not 1 <= axis < ranks[name] or dim == BATCH_DIM:
+                raise ConfigError(
+                    f"dynamic_axes[{name!r}]: axis {axis} ({dim!r}) must be in 1..{ranks[name] - 1}"
+                    f" and not named {BATCH_DIM!r}"
+                )
+        extra[name] = dict(axes)
+    return extra
+
+
+def _halved(
+    torch: Any,
+    inputs: tuple[Any, ...],
+    input_names: list[str],
+    extra_axes: dict[str, dict[int, str]],
+    dim: str,
+) -> tuple[Any, ...]:
+    """The inputs with every axis named ``dim`` cut to half its length (at least 1)."""
+    cut = []
+    for name, tensor in zip(input_names, inputs, strict=True):
+        for axis, axis_dim in extra_axes.get(name, {}).items():
+            if axis_dim == dim:
+                tensor = tensor.narrow(axis, 0, max(1, tensor.shape[axis] // 2))
+        cut.append(tensor)
+    return tuple(cut)
+
+
+def _check_extra_axes(proto: onnx.ModelProto, extra_axes: dict[str, dict[int, str]]) -> None:
+    """Every requested extra axis must be symbolic in the exported inputs."""
+    for value in proto.graph.input:
+        dims = value.type.tensor_type.shape.dim
+        for axis in extra_axes.get(value.name, {}):
+            if axis < len(dims) and not dims[axis].HasField("dim_param"):
+                raise ExportError(
+                    f"the exporter fixed axis {axis} of input {value.name!r} to "
+                    f"{dims[axis].dim_value}: the module bakes that length in"
+                )
 
 
 def _default_opset(proto: onnx.ModelProto) -> int:

@@ -298,3 +298,106 @@ def test_import_without_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "torch is not installed: pip install 'onnxq[torch]'"
+
+
+class TokenPooler(torch.nn.Module):
+    """Embedding, masked mean over the sequence: a batch and a sequence axis."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(50, 8)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        weights = mask.unsqueeze(-1).float()
+        return (self.embed(ids) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+class BakedSequence(TokenPooler):
+    """Reads the sequence length as a Python int."""
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return super().forward(ids.reshape(-1, int(ids.shape[1])), mask)
+
+
+def _tokens(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(batch * 100 + seq)
+    ids = torch.randint(0, 50, (batch, seq), generator=generator)
+    mask = torch.arange(seq)[None] < torch.randint(1, seq + 1, (batch, 1), generator=generator)
+    return ids, mask.long()
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_extra_dynamic_axes_are_symbolic_and_checked(tmp_path, exporter):
+    axes = {"ids": {1: "sequence"}, "mask": {1: "sequence"}}
+    target = tmp_path / "pool.onnx"
+    export_torch(
+        TokenPooler(),
+        _tokens(2, 10),
+        target,
+        input_names=["ids", "mask"],
+        dynamic_axes=axes,
+        exporter=exporter,
+    )
+    model = onnx.load(target)
+    assert [_dims(i) for i in model.graph.input] == [["batch", "sequence"]] * 2
+    ids, mask = _tokens(3, 17)  # another batch and length than traced
+    (got,) = _ort_run(target, {"ids": ids.numpy(), "mask": mask.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, TokenPooler()(ids, mask).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_baked_sequence_length_fails_the_halved_check(tmp_path):
+    axes = {"ids": {1: "sequence"}, "mask": {1: "sequence"}}
+    with pytest.raises(ExportError, match="'sequence' halved"):
+        export_torch(
+            BakedSequence(),
+            _tokens(2, 10),
+            tmp_path / "m.onnx",
+            input_names=["ids", "mask"],
+            dynamic_axes=axes,
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("axes", "message"),
+    [
+        ({"nope": {1: "s"}}, "not an input"),
+        ({"ids": {2: "s"}}, "must be in 1..1"),
+        ({"ids": {1: "batch"}}, "not named 'batch'"),
+    ],
+)
+def test_bad_dynamic_axes_are_config_errors(tmp_path, axes, message):
+    with pytest.raises(ConfigError, match=message):
+        export_torch(
+            TokenPooler(),
+            _tokens(2, 10),
+            tmp_path / "m.onnx",
+            input_names=["ids", "mask"],
+            dynamic_axes=axes,
+        )
+
+
+def token_pooler_factory() -> tuple[TokenPooler, tuple[torch.Tensor, torch.Tensor]]:
+    """For the CLI test below: ``onnxq export test_export:token_pooler_factory``."""
+    return TokenPooler(), _tokens(2, 10)
+
+
+def test_cli_export_with_a_sequence_axis_and_the_exporters_default_opset(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxq.cli import main
+
+    out = tmp_path / "pool.onnx"
+    args = ["export", "test_export:token_pooler_factory", "-o", str(out), "--exporter", "dynamo"]
+    axes = ["--dynamic-axis", "input:1:sequence", "--dynamic-axis", "input_1:1:sequence"]
+    result = CliRunner().invoke(main, args + axes)
+    assert result.exit_code == 0, result.output
+    model = onnx.load(out)
+    assert [_dims(i) for i in model.graph.input] == [["batch", "sequence"]] * 2
+    assert next(o.version for o in model.opset_import if o.domain == "") == 18
+    bad = CliRunner().invoke(
+        main, [*args[:3], str(tmp_path / "x.onnx"), "--dynamic-axis", "input:one:s"]
+    )
+    assert bad.exit_code == 2 and "INPUT:AXIS:NAME" in bad.output
