@@ -30,12 +30,17 @@ def main(argv: list[str]) -> int:
     import onnx  # noqa: F401  (imports are part of the baseline, not of the calibration)
     import onnxruntime
 
+    from onnxq.memory import maxrss_bytes, status_bytes
+
     if spec["tool"] == "ort":
         import onnxruntime.quantization.calibrate  # noqa: F401
     else:
         import onnxq.pipeline  # noqa: F401
     _data_module(spec["data"])
-    result: dict[str, Any] = {"spec": spec, "baseline_rss_bytes": _status("VmRSS")}
+    result: dict[str, Any] = {
+        "spec": spec,
+        "baseline_rss_bytes": status_bytes("VmRSS") or maxrss_bytes(),
+    }
     start = time.perf_counter()
     try:
         run = _run_ort if spec["tool"] == "ort" else _run_onnxq
@@ -45,7 +50,7 @@ def main(argv: list[str]) -> int:
         lines = str(exc).strip().splitlines()
         result["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
     result["wall_s"] = time.perf_counter() - start
-    result["peak_rss_bytes"] = _status("VmHWM")
+    result["peak_rss_bytes"] = status_bytes("VmHWM") or maxrss_bytes()
     result["children_peak_rss_bytes"] = (
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     )
@@ -122,17 +127,6 @@ def _feeds(spec: dict[str, Any]) -> Iterator[Feed]:
     from models.minilm import load_tokenizer
 
     yield from uneven_batches(calibration_sentences(samples), load_tokenizer())
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory figure in bytes (``ru_maxrss`` where there is no /proc)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from benchmarks.variants import (
     Quantized,
 )
 from benchmarks.zoo import batches, load_feeds, torch_module
+from onnxq.memory import maxrss_bytes, reset_peak, status_bytes
 
 _MB = 1024 * 1024
 
@@ -47,7 +48,7 @@ def run_job(job: Job) -> dict[str, Any]:
 
         torch.set_num_threads(job.threads)
         module = torch_module(job.model, Path(job.torch_state))
-    baseline = _reset_peak()
+    baseline = status_bytes("VmRSS") if reset_peak() else None
     start = time.perf_counter()
     try:
         if torch_row:
@@ -60,7 +61,7 @@ def run_job(job: Job) -> dict[str, Any]:
         reason = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
         return {**result, "status": "failed", "reason": f"{type(exc).__name__}: {reason}"[:300]}
     result["quantize_s"] = time.perf_counter() - start
-    peak = _peak_bytes()
+    peak = status_bytes("VmHWM") or maxrss_bytes()
     result["peak_mb"] = peak / _MB if peak is not None else None
     result["growth_mb"] = (peak - baseline) / _MB if peak and baseline is not None else None
     result["notes"] = made.notes
@@ -93,36 +94,6 @@ def _evaluate_torch(job: Job, made: Quantized) -> dict[str, Any]:
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
     return {"outputs": str(path), "latency_s": times, "size_bytes": buffer.getbuffer().nbytes}
-
-
-def _status_kb(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{key}:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak() -> int | None:
-    """Reset the peak-RSS mark; the current RSS in bytes (``None`` where it cannot be reset)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return None
-    return _status_kb("VmRSS")
-
-
-def _peak_bytes() -> int | None:
-    peak = _status_kb("VmHWM")
-    if peak is not None:
-        return peak
-    try:
-        import resource
-    except ImportError:
-        return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def main(argv: list[str]) -> int:

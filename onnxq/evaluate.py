@@ -21,20 +21,14 @@ Speed and size (every model, fp32 included):
 * file size in bytes (the ``.onnx`` file plus any external data files it references);
 * peak memory: a fresh Python process imports onnxruntime and loads the inputs, records its
   resident set, creates the session and runs the latency and throughput feeds twice each; the
-  result is its peak resident set in that window minus the baseline (``_memory_probe``). Host
+  result is its peak resident set in that window minus the baseline (``onnxq.memory``). Host
   memory only (no GPU memory), and ``None`` where ``resource`` is missing (Windows).
 """
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import json
 import math
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -47,6 +41,7 @@ import onnx
 from onnxq.calibration.readers import FeedSource, open_feeds
 from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError, first_line
 from onnxq.isa import cpu_features
+from onnxq.memory import session_peak_memory
 from onnxq.model_io import InputSpec, input_specs, json_safe, load_model
 from onnxq.runtime import (
     ORT_ERRORS,
@@ -362,7 +357,14 @@ def compare(
         notes.append(U8S8_NOTE)
     peaks: list[int | None] = [None] * len(models)
     if measure_memory:
-        peaks = _peak_memories(models, [one, many], chosen, intra_op_threads, notes)
+        peaks = session_peak_memory(
+            [m.path for m in models],
+            [m.name for m in models],
+            [one, many],
+            chosen,
+            intra_op_threads,
+            notes,
+        )
     sessions = [m.session for m in models]
     latency = _block_times(sessions, one, latency_runs, warmup)
     throughput = _block_times(sessions, many, throughput_runs, min(warmup, 2) or 1)
@@ -648,106 +650,6 @@ def _block_times(sessions: Sequence[Any], feed: Feed, runs: int, warmup: int) ->
                 session.run(None, feed)
                 times[i].append(time.perf_counter() - start)
     return times
-
-
-def _peak_memories(
-    models: Sequence[_Model],
-    feeds: Sequence[Feed],
-    provider: Provider,
-    threads: int | None,
-    notes: list[str],
-) -> list[int | None]:
-    """Peak RSS growth per model, each measured in a fresh subprocess (module docstring)."""
-    try:
-        import resource  # noqa: F401  (Unix only)
-    except ImportError:
-        notes.append("peak memory not measured: no resource module on this platform")
-        return [None] * len(models)
-    peaks: list[int | None] = []
-    with tempfile.TemporaryDirectory(prefix="onnxq-mem-") as tmp:
-        paths = []
-        for i, feed in enumerate(feeds):
-            paths.append(Path(tmp) / f"feed{i}.npz")
-            np.savez(paths[-1], **feed)
-        root = Path(__file__).resolve().parents[1]
-        path_var = [str(root), *filter(None, [os.environ.get("PYTHONPATH")])]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path_var)}
-        code = "import sys; from onnxq.evaluate import _memory_probe; _memory_probe(sys.argv[1:])"
-        for model in models:
-            args = [str(model.path), provider.value, str(threads or 0), *map(str, paths)]
-            peak, why = None, ""
-            try:
-                done = subprocess.run(
-                    [sys.executable, "-c", code, *args],
-                    capture_output=True,
-                    text=True,
-                    timeout=600,
-                    env=env,
-                    check=False,
-                )
-            except (OSError, subprocess.SubprocessError) as exc:
-                why = first_line(exc)
-            else:
-                lines = done.stdout.strip().splitlines()
-                try:
-                    report = json.loads(lines[-1])
-                    peak = max(0, int(report["peak"]) - int(report["baseline"]))
-                except (ValueError, IndexError, KeyError, TypeError):
-                    errors = done.stderr.strip().splitlines()
-                    why = errors[-1] if errors else f"exit code {done.returncode}"
-            if peak is None:
-                notes.append(f"peak memory of {model.name} not measured: {why}")
-            peaks.append(peak)
-    return peaks
-
-
-def _memory_probe(argv: Sequence[str]) -> None:
-    """Subprocess body: baseline RSS, then session + runs, then print peak and baseline (bytes).
-
-    Linux: the baseline is ``VmRSS``; the peak high-water mark is reset to it (``5`` written to
-    ``/proc/self/clear_refs``) and read back as ``VmHWM`` after the runs. ``ru_maxrss`` is not
-    used there: a child inherits its parent's high-water mark across fork + exec. Elsewhere:
-    ``ru_maxrss`` (bytes on macOS, KiB on other Unixes) before and after.
-    """
-    model, provider, threads, *feed_paths = argv
-    feeds = []
-    for path in feed_paths:
-        with np.load(path, allow_pickle=False) as data:
-            feeds.append({k: data[k] for k in data.files})
-    gc.collect()
-    linux = _proc_status("VmRSS") is not None
-    if linux:
-        baseline = _proc_status("VmRSS")
-        # Reset the high-water mark; if refused, VmHWM also covers the imports (an over-estimate).
-        with contextlib.suppress(OSError):
-            Path("/proc/self/clear_refs").write_text("5")
-    else:
-        baseline = _maxrss()
-    session = make_session(model, provider, intra_op_threads=int(threads) or None)
-    for feed in feeds:
-        session.run(None, feed)
-        session.run(None, feed)
-    peak = _proc_status("VmHWM") if linux else _maxrss()
-    sys.stdout.write(json.dumps({"baseline": baseline, "peak": peak}) + "\n")
-
-
-def _proc_status(field_name: str) -> int | None:
-    """A ``kB`` field of ``/proc/self/status`` in bytes (Linux); ``None`` elsewhere."""
-    try:
-        text = Path("/proc/self/status").read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    return None
-
-
-def _maxrss() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
