@@ -18,6 +18,7 @@ import onnx
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
 from onnxq.config import QuantConfig
+from onnxq.errors import CalibrationDataError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
@@ -62,15 +63,24 @@ def quantize_dynamic_with_report(
     proto = model_proto(model)
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
-    smoothing_data, notes = calibration_data, []
-    if calibration_data is None and config.smooth_alpha is not None:
+    synthetic = calibration_data is None and config.smooth_alpha is not None
+    smoothing_data = calibration_data
+    if synthetic:
         smoothing_data = synthetic_token_feeds(proto, samples=SYNTHETIC_SEQUENCES)
-        if smoothing_data is not None:
-            notes = [
-                f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
-                "(no calibration data given)"
-            ]
-    out, decisions, smooth_notes = _build(proto, config, reduce_range, smoothing_data)
+    notes = []
+    try:
+        out, decisions, smooth_notes = _build(proto, config, reduce_range, smoothing_data)
+    except CalibrationDataError as exc:
+        if not synthetic or smoothing_data is None:
+            raise
+        smoothing_data = None  # an optional step: the model just cannot take made-up tokens
+        notes.append(f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})")
+        out, decisions, smooth_notes = _build(proto, config, reduce_range)
+    if synthetic and smoothing_data is not None:
+        notes.append(
+            f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
+            "(no calibration data given)"
+        )
     feeds = None
     if smoothing_data is not None:
         feeds = open_feeds(smoothing_data, input_specs(proto), batch_size=config.batch_size)

@@ -57,3 +57,32 @@ def test_the_feeds_run_and_are_repeatable():
 
 def test_float_inputs_get_no_synthetic_data(cnn):
     assert synthetic_token_feeds(cnn) is None
+
+
+def test_dynamic_mode_skips_smoothing_when_random_tokens_fail():
+    """A token model with an integer shape input: all-ones shapes make Reshape fail, so
+    the optional smoothing step is skipped (and said), not the quantization."""
+    from onnxq.dynamic import quantize_dynamic_with_report
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.normal(size=(37, 8)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float32), "weight")
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["emb"]),
+        helper.make_node("MatMul", ["emb", "weight"], ["y"]),
+        helper.make_node("Reshape", ["y", "shape"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shaped",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"]),
+            helper.make_tensor_value_info("shape", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [table, weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = quantize_dynamic_with_report(model)
+    assert any(note.startswith("SmoothQuant skipped: random token") for note in result.report.notes)
+    assert any(d.quantized and d.op_type == "MatMul" for d in result.report.decisions)
