@@ -8,13 +8,14 @@ with ``X / s`` far easier to quantize per tensor. Rules (``SmoothQuantPass``):
 2. ``a`` (migration strength) is one number for the model, 0.7 by default: on
    all-MiniLM-L6-v2 it beat 0.5 and 0.9 for both static and dynamic int8, and a per-group
    search on a local error proxy picked larger values that were worse end to end.
-3. ``1 / s`` is folded into ``X``'s producer when nothing else reads ``X``: a
-   LayerNormalization (scale and bias), or a weight MatMul, optionally followed by a bias Add
-   (columns and bias). The MatMul may also sit behind ops that commute with a positive
-   per-channel factor, each read only by the next: Reshape, Transpose, Relu, and MatMul with
-   the path as its right operand (``P (V / s) = (P V) / s``: attention's value projection feeds
-   the attention output this way). Such a longer route is taken only when ``verified_routes``
-   names ``X`` (``onnxq.smoothing`` checks it numerically: a Reshape may reorder channels).
+3. ``1 / s`` is folded into ``X``'s producer when nothing else reads ``X`` (``Shape`` and
+   ``Size`` readers aside): a LayerNormalization (scale and bias), or a weight MatMul,
+   optionally followed by a bias Add (columns and bias). Either may also sit behind ops that
+   commute with a positive per-channel factor, each read only by the next: Reshape,
+   Transpose, Relu, and MatMul with the path as its right operand (``P (V / s) = (P V) / s``:
+   attention's value projection feeds the attention output this way). Such a longer route is
+   taken only when ``verified_routes`` names ``X`` (``onnxq.smoothing`` checks it
+   numerically: a Reshape may reorder channels).
    Otherwise a ``Mul(X, 1 / s)`` feeds the group only (reported), or, with ``fold_only``,
    the group is not smoothed. In a post-LN encoder (BERT) every LayerNorm output also feeds
    a residual Add and the FFN's second input follows GELU: no exact fold exists there.
@@ -81,16 +82,17 @@ class FoldRoute:
 
 
 COMMUTING_OPS = frozenset({"Reshape", "Transpose", "Relu"})
+SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
 def fold_route(x: ir.Value, group: list[ir.Node]) -> FoldRoute | None:
     """Rule 3's route from ``x`` back to the node that can absorb ``1 / s``, if any."""
-    if {id(use.node) for use in x.uses()} != {id(n) for n in group} or x.is_graph_output():
+    if {id(node) for node in _value_readers(x)} != {id(n) for n in group} or x.is_graph_output():
         return None
     producer, hops = x.producer(), 0
     while producer is not None and _commutes(producer):
         upstream = producer.inputs[1 if producer.op_type == "MatMul" else 0]
-        if upstream is None or len(upstream.uses()) != 1 or upstream.is_graph_output():
+        if upstream is None or len(_value_readers(upstream)) != 1 or upstream.is_graph_output():
             return None
         producer, hops = upstream.producer(), hops + 1
     if producer is None:
@@ -98,13 +100,12 @@ def fold_route(x: ir.Value, group: list[ir.Node]) -> FoldRoute | None:
     if producer.op_type == "LayerNormalization":
         axis = producer.attributes.get("axis")
         last = axis is None or axis.as_int() in (-1, len(x.shape or ()) - 1)
-        ok = hops == 0 and last and _constants(producer, (1, 2))
-        return FoldRoute(producer) if ok else None
+        return FoldRoute(producer, hops=hops) if last and _constants(producer, (1, 2)) else None
     matmul, bias_add = producer, None
     if producer.op_type == "Add":
         bias_index = next((i for i, v in enumerate(producer.inputs) if is_constant(v)), None)
         other = producer.inputs[1 - bias_index] if bias_index is not None else None
-        if other is None or other.producer() is None or len(other.uses()) != 1:
+        if other is None or other.producer() is None or len(_value_readers(other)) != 1:
             return None
         matmul, bias_add = other.producer(), (producer, bias_index)
     if matmul.op_type != "MatMul" or not _constants(matmul, (1,)):
@@ -180,13 +181,16 @@ def _fold(route: FoldRoute, inverse: np.ndarray) -> str:
         for index in (1, 2):
             if len(node.inputs) > index and node.inputs[index] is not None:
                 _set_constant(node, index, node.inputs[index].const_value.numpy() * inverse)
-        return "folded into LayerNormalization"
+        return f"folded into LayerNormalization{_through(route)}"
     _set_constant(node, 1, node.inputs[1].const_value.numpy() * inverse[None, :])
     if route.bias_add is not None:
         add, index = route.bias_add
         _set_constant(add, index, add.inputs[index].const_value.numpy() * inverse)
-    through = f" through {route.hops} channel-wise ops" if route.hops else ""
-    return f"folded into the preceding MatMul{through}"
+    return f"folded into the preceding MatMul{_through(route)}"
+
+
+def _through(route: FoldRoute) -> str:
+    return f" through {route.hops} channel-wise ops" if route.hops else ""
 
 
 def _insert_mul(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.ndarray) -> str:
@@ -205,11 +209,16 @@ def _insert_mul(graph: ir.Graph, x: ir.Value, group: list[ir.Node], inverse: np.
     return "Mul inserted (producer is read elsewhere or cannot absorb it)"
 
 
+def _value_readers(value: ir.Value) -> list[ir.Node]:
+    """The nodes that read ``value``'s numbers (``Shape`` and ``Size`` read only its shape)."""
+    return [use.node for use in value.uses() if use.node.op_type not in SHAPE_ONLY_OPS]
+
+
 def _constants(node: ir.Node, indices: tuple[int, ...]) -> bool:
+    """The inputs at ``indices`` (those present) are float32 constants: a fold replaces them
+    for this node only, so they may be shared."""
     present = [node.inputs[i] for i in indices if i < len(node.inputs) and node.inputs[i]]
-    return bool(present) and all(
-        is_constant(v) and is_float32(v) and len(v.uses()) == 1 for v in present
-    )
+    return bool(present) and all(is_constant(v) and is_float32(v) for v in present)
 
 
 def _set_constant(node: ir.Node, index: int, array: np.ndarray) -> None:

@@ -25,13 +25,22 @@ SEQ, WIDTH, VOCAB = 12, 64, 500
 
 
 class TinyEncoder(torch.nn.Module):
-    """Embedding + 2 post-LN encoder layers + mean pooling, with outlier channels like BERT."""
+    """Embedding + 2 encoder layers (post-LN with ReLU like BERT, or pre-LN with GELU like
+    GPT-2) + mean pooling, with outlier channels like trained transformers."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, pre_ln: bool = False) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Embedding(VOCAB, WIDTH)
-        layer = torch.nn.TransformerEncoderLayer(WIDTH, 4, 128, dropout=0.0, batch_first=True)
+        layer = torch.nn.TransformerEncoderLayer(
+            WIDTH,
+            4,
+            128,
+            dropout=0.0,
+            batch_first=True,
+            norm_first=pre_ln,
+            activation="gelu" if pre_ln else "relu",
+        )
         self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
         with torch.no_grad():  # a few large channels, as trained transformers have
             for norm in (m for m in self.modules() if isinstance(m, torch.nn.LayerNorm)):
@@ -146,3 +155,18 @@ def test_dynamic_keeps_smoothing_only_when_it_raises_output_sqnr(encoder, monkey
     assert any(note.startswith("SmoothQuant dropped") for note in dropped.report.notes)
     plain = quantize_dynamic_with_report(encoder, QuantConfig(smooth_alpha=None))
     assert dropped.model.SerializeToString() == plain.model.SerializeToString()
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_pre_ln_smoothing_folds_into_every_layernorm(exporter, tmp_path):
+    """Pre-LN: each LayerNorm feeds only its layer's MatMuls, so both fold (through the
+    batch-first Transpose too); only the GELU output needs a Mul."""
+    path = tmp_path / "pre_ln.onnx"
+    ids = torch.from_numpy(_ids(np.random.default_rng(1), 2))
+    export_torch(TinyEncoder(pre_ln=True).eval(), ids, path, exporter=exporter, input_names=["ids"])
+    result = quantize_dynamic_with_report(path)
+    smoothed = next(n for n in result.report.notes if n.startswith("SmoothQuant (alpha"))
+    assert "4 folded into their producer, 2 with a Mul" in smoothed  # 2 LNs + 1 GELU x 2 layers
+    ids = _ids(np.random.default_rng(7), 16)
+    cosine = _cosine(run(path, {"ids": ids})[0], run(result.model, {"ids": ids})[0])
+    assert cosine.mean() >= 0.999
