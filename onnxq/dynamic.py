@@ -63,36 +63,21 @@ def quantize_dynamic_with_report(
     proto = model_proto(model)
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
-    synthetic = calibration_data is None and config.smooth_alpha is not None
-    smoothing_data = calibration_data
-    if synthetic:
-        smoothing_data = synthetic_token_feeds(proto, samples=SYNTHETIC_SEQUENCES)
-    notes = []
+    smoothing_data, notes = _smoothing_source(proto, config, calibration_data)
     try:
         out, decisions, smooth_notes = _build(proto, config, reduce_range, smoothing_data)
     except CalibrationDataError as exc:
-        if not synthetic or smoothing_data is None:
+        if calibration_data is not None or smoothing_data is None:
             raise
-        smoothing_data = None  # an optional step: the model just cannot take made-up tokens
-        notes.append(f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})")
+        # smoothing is optional: this model just cannot take made-up tokens
+        notes = [f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})"]
+        smoothing_data = None
         out, decisions, smooth_notes = _build(proto, config, reduce_range)
-    if synthetic and smoothing_data is not None:
-        notes.append(
-            f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
-            "(no calibration data given)"
+    if smooth_notes and smoothing_data is not None:
+        out, decisions, verdict = _keep_smoothing_if_it_pays(
+            proto, config, reduce_range, smoothing_data, (out, decisions)
         )
-    feeds = None
-    if smoothing_data is not None:
-        feeds = open_feeds(smoothing_data, input_specs(proto), batch_size=config.batch_size)
-    if smooth_notes and feeds is not None and feeds.reiterable:  # one-shot data: not smoothed
-        plain, plain_decisions, _ = _build(proto, replace(config, smooth_alpha=None), reduce_range)
-        smoothed_db, plain_db = _output_sqnr(proto, (out, plain), islice(feeds, GUARD_BATCHES))
-        verdict = f"output SQNR {smoothed_db:.1f} dB smoothed, {plain_db:.1f} dB not"
-        if smoothed_db >= plain_db:
-            smooth_notes.append(f"SmoothQuant kept: {verdict}")
-        else:
-            out, decisions = plain, plain_decisions
-            smooth_notes.append(f"SmoothQuant dropped: {verdict}")
+        smooth_notes += verdict
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -104,6 +89,40 @@ def quantize_dynamic_with_report(
         notes=notes + smooth_notes,
     )
     return QuantResult(out, report)
+
+
+def _smoothing_source(
+    proto: onnx.ModelProto, config: QuantConfig, calibration_data: Any
+) -> tuple[Any, list[str]]:
+    """The data SmoothQuant reads: the calibration data, else random token sequences for a
+    token model (``None`` for other models, or when smoothing is off), and a note."""
+    if calibration_data is not None or config.smooth_alpha is None:
+        return calibration_data, []
+    feeds = synthetic_token_feeds(proto, samples=SYNTHETIC_SEQUENCES)
+    if feeds is None:
+        return None, []
+    note = f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences"
+    return feeds, [f"{note} (no calibration data given)"]
+
+
+def _keep_smoothing_if_it_pays(
+    proto: onnx.ModelProto,
+    config: QuantConfig,
+    reduce_range: bool,
+    smoothing_data: Any,
+    smoothed: tuple[onnx.ModelProto, list[NodeDecision]],
+) -> tuple[onnx.ModelProto, list[NodeDecision], list[str]]:
+    """The smoothed build, or the plain one where that has the higher output SQNR on the
+    first ``GUARD_BATCHES`` batches of ``smoothing_data``; and the verdict as a note."""
+    feeds = open_feeds(smoothing_data, input_specs(proto), batch_size=config.batch_size)
+    if not feeds.reiterable:  # one-shot data was not used for smoothing either
+        return *smoothed, []
+    plain, plain_decisions, _ = _build(proto, replace(config, smooth_alpha=None), reduce_range)
+    smoothed_db, plain_db = _output_sqnr(proto, (smoothed[0], plain), islice(feeds, GUARD_BATCHES))
+    verdict = f"output SQNR {smoothed_db:.1f} dB smoothed, {plain_db:.1f} dB not"
+    if smoothed_db >= plain_db:
+        return *smoothed, [f"SmoothQuant kept: {verdict}"]
+    return plain, plain_decisions, [f"SmoothQuant dropped: {verdict}"]
 
 
 def _build(
