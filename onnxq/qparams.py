@@ -172,18 +172,28 @@ def fit_weight_scale_to_bias(
     """Raise weight scales where ``bias / (input_scale * weight_scale)`` would overflow int32.
 
     The check repeats ``quantize_bias``'s float32 arithmetic: rounding the needed scale (and the
-    product ``input_scale * weight_scale``) to float32 can leave the quotient a few units above
-    ``INT32_MAX``, so such scales are stepped up one float32 ulp at a time until it fits.
+    product ``input_scale * weight_scale``) to float32 can leave the quotient above
+    ``INT32_MAX`` (by a few units, or by far more where the product is subnormal and coarse), so
+    such scales are raised by the remaining shortfall, with a margin that doubles on every
+    round, until it fits.
     """
     input_scale32 = np.float32(input_scale)
     magnitude = np.abs(np.asarray(bias, dtype=np.float64))
     needed = magnitude / (float(input_scale32) * INT32_MAX)
     fitted = np.maximum(weight_scale, needed.astype(np.float32)).astype(np.float32)
-    for _ in range(64):  # a handful of ulps at most
-        over = magnitude / (input_scale32 * fitted).astype(np.float64) > INT32_MAX
+    smallest = float(np.finfo(np.float32).smallest_subnormal)  # a product may underflow to 0
+    for attempt in range(64):
+        product = (input_scale32 * fitted).astype(np.float64)
+        over = magnitude > product * INT32_MAX
         if not np.any(over):
             break
-        fitted = np.where(over, np.nextafter(fitted, np.float32(np.inf)), fitted)
+        target = np.maximum(magnitude / INT32_MAX, smallest)
+        margin = 1.0 + 2.0 ** (min(attempt, 30) - 24)
+        shortfall = np.where(over, target / np.maximum(product, smallest) * margin, 1.0)
+        raised = (fitted * shortfall).astype(np.float32)
+        fitted = np.where(
+            over, np.maximum(raised, np.nextafter(fitted, np.float32(np.inf))), fitted
+        )
     return np.asarray(fitted, dtype=np.float32)
 
 

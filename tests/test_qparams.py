@@ -553,6 +553,17 @@ def test_fit_weight_scale_to_bias_prevents_overflow(bias, input_scale, weight_sc
     assert (err <= scale / 2 * (1 + 1e-9)).all(), (err / scale).max()
 
 
+def test_fit_weight_scale_to_bias_with_subnormal_and_underflowing_products():
+    """``input_scale * weight_scale`` rounds to a coarse subnormal float32, or to 0."""
+    bias = np.array([2.4e-04, 4.3e17, -5.2e-44, 3.3e28, 1.8e-22, -2.9e-37], dtype=np.float32)
+    weight_scale = np.full(bias.shape, 3.0e-35, dtype=np.float32)
+    fitted = fit_weight_scale_to_bias(weight_scale, 7.0e-12, bias)
+    q, qp = quantize_bias(bias, 7.0e-12, fitted)
+    scale = qp.scale.astype(np.float64)
+    assert (scale > 0).all() and (fitted >= weight_scale).all()
+    assert (np.abs(q.astype(np.float64) * scale - bias) <= scale / 2 * (1 + 1e-9)).all()
+
+
 def test_fit_weight_scale_to_bias_crafted_overflow():
     # bias / (input_scale * weight_scale) = 1e4 / 1e-6 = 1e10: five times int32
     bias = np.array([1e4, -1e4, 1.0], dtype=np.float32)
