@@ -1,7 +1,7 @@
 """Transformer-aware rules on small encoders exported by both PyTorch exporters.
 
-Nothing here is keyed to node names: the same assertions hold for a torchscript (opset 17) and
-a dynamo (opset 18) export of ``nn.TransformerEncoder``.
+Nothing here is keyed to node names: the same assertions hold for torchscript (opsets 17 and
+14) and dynamo (opset 18) exports of ``nn.TransformerEncoder``.
 """
 
 from __future__ import annotations
@@ -58,11 +58,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
-@pytest.fixture(scope="module", params=["torchscript", "dynamo"])
+@pytest.fixture(
+    scope="module", params=[("torchscript", 17), ("dynamo", 18), ("torchscript", 14)], ids=str
+)
 def encoder(request, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp(request.param) / "encoder.onnx"
+    """Opset 14 has no LayerNormalization op: the exporter writes it out as ReduceMean & co."""
+    exporter, opset = request.param
+    path = tmp_path_factory.mktemp(exporter) / "encoder.onnx"
     ids = torch.from_numpy(_ids(np.random.default_rng(1), 2))
-    export_torch(TinyEncoder().eval(), ids, path, exporter=request.param, input_names=["ids"])
+    export_torch(
+        TinyEncoder().eval(), ids, path, exporter=exporter, opset=opset, input_names=["ids"]
+    )
     return path
 
 
