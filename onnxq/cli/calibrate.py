@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, split_list, workers_option
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, workers_option
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.model_io import check_output_path
 
@@ -54,11 +55,7 @@ def command(
     batch_size: int,
     max_samples: int | None,
     hessians: bool,
-    op_types: tuple[str, ...],
-    exclude_op_types: tuple[str, ...],
-    exclude_nodes: tuple[str, ...],
-    quantize_outputs: bool,
-    quantize_activation_matmuls: bool,
+    plan: dict[str, Any],
 ) -> None:
     """Observe MODEL's activations on --calib data and write their statistics to -o."""
     from tqdm import tqdm
@@ -72,13 +69,9 @@ def command(
         check_output_path(hessians_path(output), model, calib)
     config = QuantConfig(
         averaging_constant=averaging_constant,
-        op_types=split_list(op_types),
-        exclude_op_types=split_list(exclude_op_types),
-        exclude_nodes=exclude_nodes,
         batch_size=batch_size,
         max_samples=max_samples,
-        quantize_outputs=quantize_outputs,
-        quantize_activation_matmuls=quantize_activation_matmuls,
+        **plan,
     )
     methods = ALL_METHODS if method is None else (CalibrationMethod(method),)
     with tqdm(

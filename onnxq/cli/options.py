@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -13,9 +14,27 @@ from onnxq.runtime import Provider
 CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
 
 
+PLAN_FILTERS = (
+    "op_types",
+    "exclude_op_types",
+    "exclude_nodes",
+    "quantize_outputs",
+    "quantize_activation_matmuls",
+)
+
+
 def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--op-types``, ``--exclude-op-types``, ``--exclude-nodes``, ``--quantize-outputs``,
-    ``--quantize-activation-matmuls``."""
+    ``--quantize-activation-matmuls``, handed to ``command`` as one ``plan`` dict of
+    ``QuantConfig`` fields."""
+
+    @functools.wraps(command)
+    def with_plan(**kwargs: Any) -> Any:
+        plan = {name: kwargs.pop(name) for name in PLAN_FILTERS}
+        for name in ("op_types", "exclude_op_types"):
+            plan[name] = split_list(plan[name])
+        return command(plan=plan, **kwargs)
+
     for option in reversed(
         [
             click.option(
@@ -33,8 +52,8 @@ def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
             ),
         ]
     ):
-        command = option(command)
-    return command
+        with_plan = option(with_plan)
+    return with_plan
 
 
 workers_option = click.option(

@@ -6,6 +6,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -14,7 +15,6 @@ from onnxq.cli.options import (
     batching,
     method_option,
     plan_filters,
-    split_list,
     workers_option,
 )
 from onnxq.config import (
@@ -155,11 +155,7 @@ def command(
     batch_size: int,
     max_samples: int | None,
     workers: int,
-    op_types: tuple[str, ...],
-    exclude_op_types: tuple[str, ...],
-    exclude_nodes: tuple[str, ...],
-    quantize_outputs: bool,
-    quantize_activation_matmuls: bool,
+    plan: dict[str, Any],
     eval_data: Path | None,
     min_cosine: float | None,
     max_drop: float | None,
@@ -190,13 +186,9 @@ def command(
         activation_type=activation_type,
         weight_type=weight_type,
         reduce_range=reduce_range,
-        op_types=split_list(op_types),
-        exclude_op_types=split_list(exclude_op_types),
-        exclude_nodes=exclude_nodes,
         batch_size=batch_size,
         max_samples=max_samples,
-        quantize_outputs=quantize_outputs,
-        quantize_activation_matmuls=quantize_activation_matmuls,
+        **plan,
         weight_rounding=weight_rounding,
         smooth_alpha=None if no_smooth else smooth_alpha,
         smooth_fold_only=smooth_fold_only,
