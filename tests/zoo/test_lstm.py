@@ -10,7 +10,6 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
-from calibration.digits import load_digits_splits  # noqa: E402
 from models.lstm import (  # noqa: E402
     HIDDEN,
     DigitsLSTM,
@@ -20,11 +19,6 @@ from models.lstm import (  # noqa: E402
     train_lstm,
 )
 from onnxq.export import export_torch  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def splits():
-    return load_digits_splits(seed=0)
 
 
 @pytest.fixture(scope="module")

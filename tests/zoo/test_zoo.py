@@ -29,11 +29,6 @@ from onnxq.export import export_torch, load_factory  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return load_digits_splits(seed=0)
-
-
-@pytest.fixture(scope="module")
 def trained(splits):
     return train_digits_cnn(splits.train_x, splits.train_y, seed=0)
 
