@@ -327,18 +327,20 @@ def _tokens(batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask.long()
 
 
+SEQUENCE_AXES = {"ids": {1: "sequence"}, "mask": {1: "sequence"}}
+
+
+def _export_tokens(module, path, axes=SEQUENCE_AXES, **options) -> ExportResult:
+    """``module`` exported from a ``[2, 10]`` token batch with inputs ``ids`` and ``mask``."""
+    return export_torch(
+        module, _tokens(2, 10), path, input_names=["ids", "mask"], dynamic_axes=axes, **options
+    )
+
+
 @pytest.mark.parametrize("exporter", EXPORTERS)
 def test_extra_dynamic_axes_are_symbolic_and_checked(tmp_path, exporter):
-    axes = {"ids": {1: "sequence"}, "mask": {1: "sequence"}}
     target = tmp_path / "pool.onnx"
-    export_torch(
-        TokenPooler(),
-        _tokens(2, 10),
-        target,
-        input_names=["ids", "mask"],
-        dynamic_axes=axes,
-        exporter=exporter,
-    )
+    _export_tokens(TokenPooler(), target, exporter=exporter)
     model = onnx.load(target)
     assert [_dims(i) for i in model.graph.input] == [["batch", "sequence"]] * 2
     ids, mask = _tokens(3, 17)  # another batch and length than traced
@@ -348,15 +350,8 @@ def test_extra_dynamic_axes_are_symbolic_and_checked(tmp_path, exporter):
 
 
 def test_baked_sequence_length_fails_the_halved_check(tmp_path):
-    axes = {"ids": {1: "sequence"}, "mask": {1: "sequence"}}
     with pytest.raises(ExportError, match="'sequence' halved"):
-        export_torch(
-            BakedSequence(),
-            _tokens(2, 10),
-            tmp_path / "m.onnx",
-            input_names=["ids", "mask"],
-            dynamic_axes=axes,
-        )
+        _export_tokens(BakedSequence(), tmp_path / "m.onnx")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -370,13 +365,7 @@ def test_baked_sequence_length_fails_the_halved_check(tmp_path):
 )
 def test_bad_dynamic_axes_are_config_errors(tmp_path, axes, message):
     with pytest.raises(ConfigError, match=message):
-        export_torch(
-            TokenPooler(),
-            _tokens(2, 10),
-            tmp_path / "m.onnx",
-            input_names=["ids", "mask"],
-            dynamic_axes=axes,
-        )
+        _export_tokens(TokenPooler(), tmp_path / "m.onnx", axes)
 
 
 def token_pooler_factory() -> tuple[TokenPooler, tuple[torch.Tensor, torch.Tensor]]:
