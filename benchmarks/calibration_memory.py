@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from onnxq.model_io import atomic_write, write_json
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 8
@@ -90,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
             _transformer(report, folder, limit)
     summary = _summarise(report, small, large)
     report["summary"] = summary
-    (args.out / "calibration_memory.json").write_text(json.dumps(report, indent=2))
+    write_json(report, args.out / "calibration_memory.json")
     table = _markdown(report, summary, small, large)
-    (args.out / "calibration_memory.md").write_text(table)
+    atomic_write(args.out / "calibration_memory.md", table.encode())
     print(table)
     return 0
 

@@ -23,7 +23,7 @@ from benchmarks.variants import BY_SLUG, CALIB_BATCH, ORT_PEER, VARIANTS, Job
 from benchmarks.zoo import ZooModel, batches, load_feeds
 from onnxq.errors import OnnxqError
 from onnxq.evaluate import compare, cosine_per_sample, sqnr_db, top1
-from onnxq.model_io import input_specs, load_model
+from onnxq.model_io import input_specs, json_safe, load_model
 from onnxq.runtime import make_session
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,7 +66,7 @@ class ModelResult:
     notes: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def measure_model(model: ZooModel, *, threads: int, variants: list[str]) -> ModelResult:
@@ -238,13 +238,3 @@ def _first_line(exc: BaseException) -> str:
         return str(exc).splitlines()[0]
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import ModelResult
+from onnxq.model_io import atomic_write, write_json
 
 METRIC_COLUMNS: dict[str, tuple[tuple[str, str, str], ...]] = {
     "top1": (("top-1", "top1", "pct"), ("agree", "agreement", "pct")),
@@ -35,8 +33,8 @@ def write_results(
     """Write ``results.json`` and ``results.md`` into ``folder``; return their paths."""
     folder.mkdir(parents=True, exist_ok=True)
     data = {"run": run, "environment": environment, "models": [r.to_dict() for r in results]}
-    json_path = _write(folder / "results.json", json.dumps(data, indent=2) + "\n")
-    md_path = _write(folder / "results.md", markdown(results, environment, run))
+    json_path = write_json(data, folder / "results.json")
+    md_path = atomic_write(folder / "results.md", markdown(results, environment, run).encode())
     return json_path, md_path
 
 
@@ -119,11 +117,3 @@ def _fmt(value: float | None, kind: str) -> str:
 
 def _load(values: list[float] | None) -> str:
     return "/".join(f"{v:.2f}" for v in values) if values else "unknown"
-
-
-def _write(path: Path, text: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-    return path
