@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     import onnx  # noqa: F401  (imports are part of the baseline, not of the calibration)
     import onnxruntime
 
+    from onnxq.errors import first_line
     from onnxq.memory import maxrss_bytes, status_bytes
 
     if spec["tool"] == "ort":
@@ -47,8 +48,7 @@ def main(argv: list[str]) -> int:
         result["tensors"] = run(spec, _feeds(spec))
         result["error"] = None
     except Exception as exc:  # the crash is the measurement
-        lines = str(exc).strip().splitlines()
-        result["error"] = f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+        result["error"] = f"{type(exc).__name__}: {first_line(exc)}"[:300]
     result["wall_s"] = time.perf_counter() - start
     result["peak_rss_bytes"] = status_bytes("VmHWM") or maxrss_bytes()
     result["children_peak_rss_bytes"] = (

@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.variants import BY_SLUG, CALIB_BATCH, ORT_PEER, VARIANTS, Job
 from benchmarks.zoo import ZooModel, batches, load_feeds
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 from onnxq.evaluate import compare, cosine_per_sample, sqnr_db, top1
 from onnxq.model_io import input_specs, json_safe, load_model
 from onnxq.runtime import make_session
@@ -99,7 +99,7 @@ def measure_model(model: ZooModel, *, threads: int, variants: list[str]) -> Mode
     try:
         notes = _measure_onnx(model, fp32, [r for r in onnx_rows if r.status == "ok"], threads)
     except OnnxqError as exc:
-        notes = [f"ONNX rows not measured: {_first_line(exc)}"]
+        notes = [f"ONNX rows not measured: {first_line(exc)}"]
     _score_torch(model, [r for r in rows if r.engine == "torch" and r.status == "ok"], threads)
     if fp32.p50_ms is not None and fp32.p50_ms < NOISE_FLOOR_MS:
         notes.append(
@@ -162,7 +162,7 @@ def _check_loads(row: Row, model: ZooModel) -> None:
         session = make_session(path)
         session.run(None, batches(load_feeds(model.eval), 1)[0])
     except Exception as exc:
-        row.status, row.reason = "failed", f"ONNX Runtime cannot run it: {_first_line(exc)}"
+        row.status, row.reason = "failed", f"ONNX Runtime cannot run it: {first_line(exc)}"
 
 
 def _measure_onnx(model: ZooModel, fp32: Row, rows: list[Row], threads: int) -> list[str]:
@@ -231,10 +231,3 @@ def _ratios(rows: list[Row]) -> None:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
-
-
-def _first_line(exc: BaseException) -> str:
-    if isinstance(exc, OnnxqError):
-        return str(exc).splitlines()[0]
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else type(exc).__name__

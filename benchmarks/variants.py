@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.zoo import batches
+from onnxq.errors import first_line
 
 Feeds = dict[str, np.ndarray]
 CALIB_BATCH = 8
@@ -173,8 +174,7 @@ def ort_static_best(job: Job, calib: Feeds) -> Quantized:
     try:
         quant_pre_process(job.fp32, str(pre))
     except Exception as exc:  # ORT's symbolic shape inference gives up on some graphs
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        notes.append(f"symbolic shape inference skipped ({first})")
+        notes.append(f"symbolic shape inference skipped ({first_line(exc)})")
         quant_pre_process(job.fp32, str(pre), skip_symbolic_shape=True)
     extra: dict[str, Any] = {}
     op_types = None

@@ -32,6 +32,7 @@ from benchmarks.variants import (
     Quantized,
 )
 from benchmarks.zoo import batches, load_feeds, torch_module
+from onnxq.errors import first_line
 from onnxq.memory import maxrss_bytes, reset_peak, status_bytes
 
 _MB = 1024 * 1024
@@ -58,8 +59,8 @@ def run_job(job: Job) -> dict[str, Any]:
     except NotApplicable as exc:
         return {**result, "status": "skipped", "reason": str(exc)}
     except Exception as exc:
-        reason = next((ln for ln in str(exc).splitlines() if ln.strip()), "")
-        return {**result, "status": "failed", "reason": f"{type(exc).__name__}: {reason}"[:300]}
+        reason = f"{type(exc).__name__}: {first_line(exc)}"[:300]
+        return {**result, "status": "failed", "reason": reason}
     result["quantize_s"] = time.perf_counter() - start
     peak = status_bytes("VmHWM") or maxrss_bytes()
     result["peak_mb"] = peak / _MB if peak is not None else None

@@ -10,14 +10,17 @@ import re
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+def message_lines(exc: BaseException) -> list[str]:
+    """The non-empty lines of an exception's message, stripped, colour codes removed."""
+    lines = (_ANSI.sub("", line).strip() for line in str(exc).splitlines())
+    return [line for line in lines if line]
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message (colour codes removed), or its type:
     what a one-line error built from a library's exception shows."""
-    for line in str(exc).splitlines():
-        line = _ANSI.sub("", line).strip()
-        if line:
-            return line
-    return type(exc).__name__
+    lines = message_lines(exc)
+    return lines[0] if lines else type(exc).__name__
 
 
 class OnnxqError(Exception):

@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from onnxq.errors import ConfigError, ExportError, first_line
+from onnxq.errors import ConfigError, ExportError, first_line, message_lines
 from onnxq.model_io import check_output_path, save_model
 
 PathLike = str | os.PathLike[str]
@@ -47,7 +47,6 @@ DEFAULT_OPSET: dict[str, int] = {"torchscript": 17, "dynamo": 18}
 
 _TORCH_MISSING = "torch is not installed: pip install 'onnxq[torch]'"
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 @dataclass(frozen=True)
@@ -520,10 +519,10 @@ def _default_opset(proto: onnx.ModelProto) -> int:
 
 def _summary(exc: BaseException) -> str:
     """One line from a torch exporter error: its exception summary, else the innermost cause."""
-    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = message_lines(exc)
     if "## Exception summary" in lines:
         after = lines[lines.index("## Exception summary") + 1 :]
-        first = next((line for line in after if line), "")
+        first = after[0] if after else ""
         match = re.match(r"<class '(?:[\w.]+\.)?(\w+)'>: (.*)", first)
         if match:
             return f"{match.group(1)}: {match.group(2)}"
@@ -537,6 +536,5 @@ def _summary(exc: BaseException) -> str:
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
     """All of a message on one line (ONNX Runtime splits its reasons over several)."""
-    text = " ".join(_ANSI.sub("", line).strip() for line in str(exc).splitlines() if line.strip())
-    text = text or type(exc).__name__
+    text = " ".join(message_lines(exc)) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -39,16 +39,23 @@ class CpuFeatures:
 @cache
 def cpu_features() -> CpuFeatures:
     """Read the flags of this machine's CPU (Linux ``/proc/cpuinfo``; elsewhere all False)."""
-    flags: set[str] = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    flags = set((cpuinfo_value("flags") or "").split())
     return CpuFeatures(
         machine=platform.machine(),
         avx2="avx2" in flags,
         avx512="avx512f" in flags,
         vnni=bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
     )
+
+
+@cache
+def cpuinfo_value(*keys: str) -> str | None:
+    """The value of the first ``/proc/cpuinfo`` line starting with one of ``keys`` (Linux);
+    ``None`` where there is none."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        return None
+    for line in cpuinfo.read_text(errors="replace").splitlines():
+        if line.startswith(keys) and ":" in line:
+            return line.split(":", 1)[1].strip()
+    return None

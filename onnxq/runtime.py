@@ -25,7 +25,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxq.errors import InvalidModelError, ProviderError, first_line
-from onnxq.isa import cpu_features
+from onnxq.isa import cpu_features, cpuinfo_value
 
 PathLike = str | os.PathLike[str]
 
@@ -182,12 +182,8 @@ def environment(
 @cache
 def cpu_model_name() -> str:
     """The CPU's marketing name (``/proc/cpuinfo`` model name, else ``platform.processor()``)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text(errors="replace").splitlines():
-            if line.startswith(("model name", "Model", "Hardware")):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine() or "unknown"
+    name = cpuinfo_value("model name", "Model", "Hardware")
+    return name or platform.processor() or platform.machine() or "unknown"
 
 
 @cache
