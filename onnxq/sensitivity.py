@@ -23,7 +23,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.calibration.calibrate import calibrate_plan
-from onnxq.calibration.collect import augment_outputs, make_session
+from onnxq.calibration.collect import augment_outputs, graph_session
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig
 from onnxq.errors import ConfigError
@@ -38,7 +38,7 @@ from onnxq.pipeline import (
     refuse_quantized,
     resolve_reduce_range,
 )
-from onnxq.runtime import make_session as runtime_session
+from onnxq.runtime import make_session
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -106,10 +106,10 @@ class _Study:
         """Per requested tensor, all eval batches joined. The first graph output runs with ORT's
         optimisations (the int8 kernels a user gets); intermediate tensors run unfused."""
         if names:
-            session = make_session(augment_outputs(model, names))
+            session = graph_session(augment_outputs(model, names))
         else:
             names = [model.graph.output[0].name]
-            session = runtime_session(model.SerializeToString())
+            session = make_session(model.SerializeToString())
         runs = [session.run(names, feed) for feed in self.feeds]
         return [np.concatenate([run[i] for run in runs]) for i in range(len(names))]
 

@@ -21,6 +21,7 @@ import onnxruntime as ort
 
 from onnxq.calibration.observers import HistogramObserver, MinMaxObserver
 from onnxq.errors import CalibrationDataError, first_line
+from onnxq.runtime import OptimizationLevel, make_session
 
 Feed = dict[str, np.ndarray]
 
@@ -45,21 +46,14 @@ def augment_outputs(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx
     return augmented
 
 
-def make_session(
-    model: onnx.ModelProto | bytes, *, threads: int | None = None
-) -> ort.InferenceSession:
-    """A CPU session that runs the graph as written (no fusion, no constant folding).
-
-    ``threads`` sets ``intra_op_num_threads`` (``None``: ONNX Runtime's default, every core).
-    """
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    data = model if isinstance(model, bytes) else model.SerializeToString()
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+def graph_session(model: onnx.ModelProto, *, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session that runs the graph as written (no fusion, no constant folding), so every
+    named tensor is the float value the graph computes; ``threads``: intra-op threads."""
+    return make_session(
+        model.SerializeToString(),
+        optimization_level=OptimizationLevel.DISABLED,
+        intra_op_threads=threads,
+    )
 
 
 class Observer(Protocol):
@@ -90,7 +84,7 @@ def observe(
     names = list(observers)
     if isinstance(model, bytes):
         model = onnx.load_from_string(model)
-    session = make_session(augment_outputs(model, names), threads=threads) if names else None
+    session = graph_session(augment_outputs(model, names), threads=threads) if names else None
     first, step = shard
     for local, feed in enumerate(feeds):
         index = first + local * step
