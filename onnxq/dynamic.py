@@ -8,12 +8,12 @@ from random token sequences (``onnxq.calibration.synthetic``).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from itertools import islice
 from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
@@ -34,6 +34,7 @@ from onnxq.pipeline import (
     resolve_reduce_range,
 )
 from onnxq.runtime import make_session
+from onnxq.smoothing import smooth_from_data
 
 SYNTHETIC_SEQUENCES = 32
 GUARD_BATCHES = 4
@@ -63,21 +64,17 @@ def quantize_dynamic_with_report(
     proto = model_proto(model)
     refuse_quantized(proto)
     reduce_range, reduce_reason = resolve_reduce_range(config)
-    smoothing_data, notes = _smoothing_source(proto, config, calibration_data)
-    try:
-        out, decisions, smooth_notes = _build(proto, config, reduce_range, smoothing_data)
-    except CalibrationDataError as exc:
-        if calibration_data is not None or smoothing_data is None:
-            raise
-        # smoothing is optional: this model just cannot take made-up tokens
-        notes = [f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})"]
-        smoothing_data = None
-        out, decisions, smooth_notes = _build(proto, config, reduce_range)
-    if smooth_notes and smoothing_data is not None:
+    plain_model, prepared, _ = prepare_float(proto, config)  # no data here: nothing smoothed
+    smoothed_model, smoothing_data, notes = _smooth(prepared, config, calibration_data)
+    if smoothed_model is None:
+        out, decisions = _quantize(plain_model, config, reduce_range)
+    else:  # the plain candidate records what it is: no smoothing
+        smoothed = _quantize(smoothed_model, config, reduce_range)
+        plain = _quantize(plain_model, config.replace(smooth_alpha=None), reduce_range)
         out, decisions, verdict = _keep_smoothing_if_it_pays(
-            proto, config, reduce_range, smoothing_data, (out, decisions)
+            proto, smoothed, plain, smoothing_data, config
         )
-        smooth_notes += verdict
+        notes.append(verdict)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -86,54 +83,66 @@ def quantize_dynamic_with_report(
         reduce_range=reduce_range,
         reduce_range_reason=reduce_reason,
         config={**config.to_dict(), "mode": "dynamic"},
-        notes=notes + smooth_notes,
+        notes=notes,
     )
     return QuantResult(out, report)
 
 
-def _smoothing_source(
-    proto: onnx.ModelProto, config: QuantConfig, calibration_data: Any
-) -> tuple[Any, list[str]]:
-    """The data SmoothQuant reads: the calibration data, else random token sequences for a
-    token model (``None`` for other models, or when smoothing is off), and a note."""
-    if calibration_data is not None or config.smooth_alpha is None:
-        return calibration_data, []
-    feeds = synthetic_token_feeds(proto, samples=SYNTHETIC_SEQUENCES)
-    if feeds is None:
-        return None, []
-    note = f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences"
-    return feeds, [f"{note} (no calibration data given)"]
+def _smooth(
+    prepared: onnx.ModelProto, config: QuantConfig, calibration_data: Any
+) -> tuple[ir.Model | None, Any, list[str]]:
+    """SmoothQuant on a copy of the prepared float model, from the calibration data, else
+    (token models) from random token sequences: the smoothed model (``None`` where nothing was
+    smoothed), the data it read, and notes."""
+    if config.smooth_alpha is None:
+        return None, None, []
+    data, notes = calibration_data, []
+    if data is None:
+        data = synthetic_token_feeds(prepared, samples=SYNTHETIC_SEQUENCES)
+        if data is None:
+            return None, None, []
+        notes = [
+            f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
+            "(no calibration data given)"
+        ]
+    model = ir.from_proto(prepared)
+    try:
+        changed, smooth_notes = smooth_from_data(model, prepared, data, config)
+    except CalibrationDataError as exc:
+        if calibration_data is not None:
+            raise
+        # smoothing is optional: this model just cannot take made-up tokens
+        return None, None, [f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})"]
+    return (model if changed else None), data, notes + smooth_notes
 
 
 def _keep_smoothing_if_it_pays(
     proto: onnx.ModelProto,
-    config: QuantConfig,
-    reduce_range: bool,
-    smoothing_data: Any,
     smoothed: tuple[onnx.ModelProto, list[NodeDecision]],
-) -> tuple[onnx.ModelProto, list[NodeDecision], list[str]]:
-    """The smoothed build, or the plain one where that has the higher output SQNR on the
-    first ``GUARD_BATCHES`` batches of ``smoothing_data``; and the verdict as a note."""
+    plain: tuple[onnx.ModelProto, list[NodeDecision]],
+    smoothing_data: Any,
+    config: QuantConfig,
+) -> tuple[onnx.ModelProto, list[NodeDecision], str]:
+    """The smoothed build, or the plain one where that has the higher output SQNR against
+    ``proto`` on the first ``GUARD_BATCHES`` batches of ``smoothing_data``; and the verdict."""
     feeds = open_feeds(smoothing_data, input_specs(proto), batch_size=config.batch_size)
-    if not feeds.reiterable:  # one-shot data was not used for smoothing either
-        return *smoothed, []
-    plain, plain_decisions, _ = _build(proto, replace(config, smooth_alpha=None), reduce_range)
-    smoothed_db, plain_db = _output_sqnr(proto, (smoothed[0], plain), islice(feeds, GUARD_BATCHES))
+    smoothed_db, plain_db = _output_sqnr(
+        proto, (smoothed[0], plain[0]), islice(feeds, GUARD_BATCHES)
+    )
     verdict = f"output SQNR {smoothed_db:.1f} dB smoothed, {plain_db:.1f} dB not"
     if smoothed_db >= plain_db:
-        return *smoothed, [f"SmoothQuant kept: {verdict}"]
-    return plain, plain_decisions, [f"SmoothQuant dropped: {verdict}"]
+        return *smoothed, f"SmoothQuant kept: {verdict}"
+    return *plain, f"SmoothQuant dropped: {verdict}"
 
 
-def _build(
-    proto: onnx.ModelProto, config: QuantConfig, reduce_range: bool, smoothing_data: Any = None
-) -> tuple[onnx.ModelProto, list[NodeDecision], list[str]]:
-    """Prepare (and smooth), int8 weights, check: the model, its decisions, smoothing notes."""
-    float_model, _, notes = prepare_float(proto, config, smoothing_data)
+def _quantize(
+    float_model: ir.Model, config: QuantConfig, reduce_range: bool
+) -> tuple[onnx.ModelProto, list[NodeDecision]]:
+    """Int8 weights (rewriting ``float_model``), embedding tables, check."""
     decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
-    return finish(float_model, config, reduce_range), decisions, notes
+    return finish(float_model, config, reduce_range), decisions
 
 
 def _output_sqnr(
