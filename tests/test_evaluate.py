@@ -140,13 +140,20 @@ def test_labels_top1(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     assert limited.fp32.accuracy.top1 == pytest.approx(0.25)  # samples 0-2 wrong, 3 right
 
 
-def test_quantized_cnn_rows_json_table_plot(tmp_path: Path) -> None:
-    rng = np.random.default_rng(2)
-    images = {"x": rng.normal(size=(10, 3, 8, 8)).astype(np.float32)}
-    fp32 = tmp_path / "cnn.onnx"
+def _cnn_and_int8(
+    tmp_path: Path, *, seed: int, samples: int
+) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """A small CNN, its int8 quantization (calibrated on the images), and the images."""
+    rng = np.random.default_rng(seed)
+    images = {"x": rng.normal(size=(samples, 3, 8, 8)).astype(np.float32)}
+    fp32, int8 = tmp_path / "cnn.onnx", tmp_path / "cnn_int8.onnx"
     onnx.save(small_cnn(classes=6), fp32)
-    int8 = tmp_path / "cnn_int8.onnx"
     onnx.save(quantize(fp32, images), int8)
+    return fp32, int8, images
+
+
+def test_quantized_cnn_rows_json_table_plot(tmp_path: Path) -> None:
+    fp32, int8, images = _cnn_and_int8(tmp_path, seed=2, samples=10)
     result = compare(
         fp32,
         [int8],
@@ -208,12 +215,7 @@ def test_mismatched_models_are_refused(tmp_path: Path, data: dict[str, np.ndarra
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDAExecutionProvider")
 def test_compare_on_cuda(tmp_path: Path) -> None:
-    rng = np.random.default_rng(3)
-    images = {"x": rng.normal(size=(8, 3, 8, 8)).astype(np.float32)}
-    fp32 = tmp_path / "cnn.onnx"
-    onnx.save(small_cnn(classes=6), fp32)
-    int8 = tmp_path / "cnn_int8.onnx"
-    onnx.save(quantize(fp32, images), int8)
+    fp32, int8, images = _cnn_and_int8(tmp_path, seed=3, samples=8)
     result = compare(fp32, [int8], images, provider="cuda", **FAST)
     assert result.environment["ort_provider"] == "CUDAExecutionProvider"
     assert CUDA_NOTE in result.notes
