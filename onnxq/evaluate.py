@@ -428,11 +428,6 @@ def model_size(path: PathLike) -> int:
     return total
 
 
-def time_runs(session: Any, feed: Feed, runs: int, warmup: int) -> list[float]:
-    """Seconds of ``runs`` runs of ``feed`` after ``warmup`` untimed runs."""
-    return _block_times([session], feed, runs, warmup)[0]
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
