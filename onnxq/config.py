@@ -18,15 +18,29 @@ CONFIG_VERSION = 1
 
 
 class QuantType(str, enum.Enum):
-    """Integer type of a quantized tensor."""
+    """Integer type of a quantized tensor (16-bit for QNN activations, 4-bit for weight-only)."""
 
     UINT8 = "uint8"
     INT8 = "int8"
+    UINT16 = "uint16"
+    INT16 = "int16"
+    UINT4 = "uint4"
+    INT4 = "int4"
+
+    @property
+    def bits(self) -> int:
+        return int(self.value.removeprefix("u").removeprefix("int"))
+
+    @property
+    def signed(self) -> bool:
+        return not self.value.startswith("u")
 
     @property
     def bounds(self) -> tuple[int, int]:
         """Full integer range (qmin, qmax)."""
-        return (0, 255) if self is QuantType.UINT8 else (-128, 127)
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
 
 
 class CalibrationMethod(str, enum.Enum):
@@ -56,10 +70,12 @@ class WeightRounding(str, enum.Enum):
 
 
 class QuantMode(str, enum.Enum):
-    """Static: activation ranges from calibration. Dynamic: ranges computed at run time."""
+    """Static: activation ranges from calibration. Dynamic: ranges computed at run time.
+    Weight-only: integer weights, float activations."""
 
     STATIC = "static"
     DYNAMIC = "dynamic"
+    WEIGHT_ONLY = "weight-only"
 
 
 @dataclass(frozen=True)
@@ -72,15 +88,16 @@ class QuantConfig:
             (see ``onnxq.calibration.ranges``).
         percentile: for ``percentile``, the two-sided coverage in percent: the range is
             ``[P(100 - p), P(p)]`` of the observed values (default 99.999).
-        per_channel: weights get one scale per output channel (needs opset >= 13).
-        activation_type: ``uint8`` (asymmetric) or ``int8``.
-        activation_symmetric: force zero point 0 for activations (int8 only).
+        target: the deployment target (``onnxq.targets``): it chooses every scheme field
+            left ``None`` below and the op types quantized by default. The host CPU never does.
+        per_channel: weights get one scale per output channel where the target allows it.
+        activation_type: ``uint8`` (asymmetric), ``int8`` or ``uint16``.
+        activation_symmetric: force zero point 0 for activations (signed types only).
         weight_type: ``int8`` (symmetric, zero point 0) or ``uint8`` (asymmetric).
         weight_rounding: ``gptq`` (error-compensating, uses calibration inputs) or ``nearest``.
         reduce_range: 7-bit weights, avoiding u8s8 saturation on x86 without VNNI.
-            ``None`` decides from the CPU (see ``onnxq.isa``).
-        op_types: op types that may be quantized; empty means the default set of
-            ops with an int8 kernel.
+        op_types: op types that may be quantized; empty means the target's ops with an int8
+            kernel.
         exclude_op_types: op types always left in float.
         exclude_nodes: regular expressions; a node whose name matches any is left in float.
         batch_size: calibration batch size for sources that are split into batches.
@@ -103,12 +120,13 @@ class QuantConfig:
             with per-row scales.
     """
 
+    target: str = "ort-cpu"
     method: CalibrationMethod = CalibrationMethod.PERCENTILE
     percentile: float = 99.999
-    per_channel: bool = True
-    activation_type: QuantType = QuantType.UINT8
-    activation_symmetric: bool = False
-    weight_type: QuantType = QuantType.INT8
+    per_channel: bool | None = None
+    activation_type: QuantType | None = None
+    activation_symmetric: bool | None = None
+    weight_type: QuantType | None = None
     weight_rounding: WeightRounding = WeightRounding.GPTQ
     reduce_range: bool | None = None
     op_types: tuple[str, ...] = ()
@@ -134,6 +152,8 @@ class QuantConfig:
             ("weight_range", WeightRange),
         ):
             value = getattr(self, name)
+            if value is None and name in ("activation_type", "weight_type"):
+                continue  # the target's choice
             try:
                 object.__setattr__(self, name, enum_type(value))
             except ValueError:
@@ -153,8 +173,12 @@ class QuantConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
-        if self.activation_symmetric and self.activation_type is QuantType.UINT8:
-            raise ConfigError("symmetric activations need activation_type int8")
+        unsigned = self.activation_type is not None and not self.activation_type.signed
+        if self.activation_symmetric and unsigned:
+            raise ConfigError("symmetric activations need a signed activation_type (int8)")
+        from onnxq.targets import get_target
+
+        get_target(self.target)  # unknown names list the known ones
         for pattern in self.exclude_nodes:
             try:
                 re.compile(pattern)
@@ -162,6 +186,20 @@ class QuantConfig:
                 raise ConfigError(f"exclude_nodes: invalid regex {pattern!r}: {exc}") from None
         if self.version != CONFIG_VERSION:
             raise ConfigError(f"config version {self.version} is not supported")
+
+    @property
+    def is_resolved(self) -> bool:
+        """Every scheme field is set (``resolved`` ran, or the user set them all)."""
+        from onnxq.targets.spec import SCHEME_FIELDS
+
+        return all(getattr(self, name) is not None for name in SCHEME_FIELDS)
+
+    def resolved(self) -> QuantConfig:
+        """A copy whose scheme fields left ``None`` take the target's values; a value the
+        target cannot run is a ``ConfigError`` (``onnxq.targets.resolve_scheme``)."""
+        from onnxq.targets import resolve_scheme
+
+        return resolve_scheme(self)
 
     def replace(self, **changes: Any) -> QuantConfig:
         """A copy with some fields changed (validated again)."""

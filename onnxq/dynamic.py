@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
-from onnxq.config import QuantConfig
+from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import CalibrationDataError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
@@ -31,10 +31,11 @@ from onnxq.pipeline import (
     finish,
     prepare_float,
     refuse_quantized,
-    resolve_reduce_range,
+    resolve_config,
 )
 from onnxq.runtime import make_session
 from onnxq.smoothing import smooth_from_data
+from onnxq.targets import get_target
 
 SYNTHETIC_SEQUENCES = 32
 GUARD_BATCHES = 4
@@ -60,17 +61,16 @@ def quantize_dynamic_with_report(
     ``GUARD_BATCHES`` batches of the data it was computed from; else the unsmoothed model is
     returned, and the report says so.
     """
-    config = config or QuantConfig()
+    config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    reduce_range, reduce_reason = resolve_reduce_range(config)
     plain_model, prepared, _ = prepare_float(proto, config)  # no data here: nothing smoothed
     smoothed_model, smoothing_data, notes = _smooth(prepared, config, calibration_data)
     if smoothed_model is None:
-        out, decisions = _quantize(plain_model, config, reduce_range)
+        out, decisions = _quantize(plain_model, config)
     else:  # the plain candidate records what it is: no smoothing
-        smoothed = _quantize(smoothed_model, config, reduce_range)
-        plain = _quantize(plain_model, config.replace(smooth_alpha=None), reduce_range)
+        smoothed = _quantize(smoothed_model, config)
+        plain = _quantize(plain_model, config.replace(smooth_alpha=None))
         out, decisions, verdict = _keep_smoothing_if_it_pays(
             proto, smoothed, plain, smoothing_data, config
         )
@@ -80,9 +80,10 @@ def quantize_dynamic_with_report(
         size_before=proto.ByteSize(),
         size_after=out.ByteSize(),
         samples=0,
-        reduce_range=reduce_range,
+        reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,
         config={**config.to_dict(), "mode": "dynamic"},
+        target=get_target(config.target).to_dict(),
         notes=notes,
     )
     return QuantResult(out, report)
@@ -136,13 +137,13 @@ def _keep_smoothing_if_it_pays(
 
 
 def _quantize(
-    float_model: ir.Model, config: QuantConfig, reduce_range: bool
+    float_model: ir.Model, config: QuantConfig
 ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
     """Int8 weights (rewriting ``float_model``), embedding tables, check."""
-    decisions = quantize_dynamic_graph(float_model, config, reduce_range=reduce_range)
+    decisions = quantize_dynamic_graph(float_model, config)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
-    return finish(float_model, config, reduce_range), decisions
+    return finish(float_model, config), decisions
 
 
 def _output_sqnr(

@@ -22,7 +22,7 @@ from onnxq.calibration.calibrate import (
 )
 from onnxq.calibration.observers import MinMaxObserver
 from onnxq.calibration.ranges import range_for
-from onnxq.config import CalibrationMethod, QuantConfig, QuantType
+from onnxq.config import CalibrationMethod, QuantConfig, QuantMode
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.model_io import model_proto
@@ -33,6 +33,7 @@ from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
 from onnxq.smoothing import smooth_from_data
+from onnxq.targets import check_mode, get_target
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 
@@ -53,6 +54,7 @@ class QuantizationReport:
     reduce_range_reason: str
     uncalibrated: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    target: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=lambda: cpu_features().to_dict())
     ranges_file: str | None = None
     notes: list[str] = field(default_factory=list)
@@ -114,7 +116,7 @@ def calibrate(
     quantized with any method); ``hessians`` adds GPTQ's input Hessians. The plan (hence the
     tensors observed) follows the config's op-type and node filters.
     """
-    config = config or QuantConfig()
+    config, _ = resolve_config(config, QuantMode.STATIC)
     float_model, float_proto, _ = prepare_float(model_proto(model), config)
     plan = plan_quantization(float_model, config)
     return calibrate_plan(
@@ -141,10 +143,9 @@ def quantize_with_report(
     """``quantize`` plus a ``QuantizationReport``; ``on_batch(samples)`` follows calibration."""
     if (calibration_data is None) == (ranges is None):
         raise ConfigError("give calibration data or a ranges file (exactly one of them)")
-    config = config or QuantConfig()
+    config, reduce_reason = resolve_config(config, QuantMode.STATIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    reduce_range, reduce_reason = resolve_reduce_range(config)
     float_model, float_proto, notes = prepare_float(proto, config, calibration_data)
     plan = plan_quantization(float_model, config)
     if ranges is not None:
@@ -153,16 +154,17 @@ def quantize_with_report(
         calibration = calibrate_plan(
             float_proto, plan, calibration_data, config, workers=workers, on_batch=on_batch
         )
-    out, decisions = build_quantized(float_model, calibration, config, reduce_range)
+    out, decisions = build_quantized(float_model, calibration, config)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
         size_after=out.ByteSize(),
         samples=calibration.samples,
-        reduce_range=reduce_range,
+        reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,
         uncalibrated=calibration.uncalibrated,
         config=config.to_dict(),
+        target=get_target(config.target).to_dict(),
         ranges_file=None if ranges is None else calibration.source,
         notes=notes + list(calibration.notes),
     )
@@ -173,12 +175,12 @@ def build_quantized(
     float_model: ir.Model,
     calibration: Calibration,
     config: QuantConfig,
-    reduce_range: bool,
     rounded: dict | None = None,
 ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
     """Plan, qparams, Q/DQ insertion, LSTM and embedding weights, check: one quantized model
-    from a prepared float model (rewritten in place) and its calibration. ``rounded`` memoises
-    integer weights across calls, so variants of one model round each weight once."""
+    from a prepared float model (rewritten in place), its calibration and a resolved config.
+    ``rounded`` memoises integer weights across calls, so variants of one model round each
+    weight once."""
     skip = set(calibration.uncalibrated)
     plan = plan_quantization(float_model, config, skip_tensors=skip)
     while missing := set(plan.roots) - set(calibration.observers):  # not observed: stay float
@@ -193,18 +195,17 @@ def build_quantized(
         plan,
         qparams,
         config,
-        reduce_range=reduce_range,
         hessians=calibration.hessians or {},
         rounded=rounded,
     )
     decisions = list(plan.decisions)
-    if "LSTM" not in config.exclude_op_types:  # no static LSTM kernel: int8 weights instead
-        decisions += quantize_dynamic_graph(
-            quantized, config.replace(op_types=("LSTM",)), reduce_range=reduce_range
-        )
+    target = get_target(config.target)
+    if "LSTM" not in config.exclude_op_types and QuantMode.DYNAMIC in target.modes:
+        # no static LSTM kernel: int8 weights (DynamicQuantizeLSTM) where the runtime has it
+        decisions += quantize_dynamic_graph(quantized, config.replace(op_types=("LSTM",)))
     if config.quantize_embeddings:
         decisions += quantize_embeddings(quantized)
-    return finish(quantized, config, reduce_range), decisions
+    return finish(quantized, config), decisions
 
 
 def prepare_float(
@@ -212,7 +213,7 @@ def prepare_float(
 ) -> tuple[ir.Model, onnx.ModelProto, list[str]]:
     """The clean float graph (``prepare``, then SmoothQuant when the config asks and data is
     given) as an IR model and as a proto, and notes for the report."""
-    float_model = prepare(ir.from_proto(proto))
+    float_model = prepare(ir.from_proto(proto), min_opset=get_target(config.target).min_opset)
     float_proto = ir.to_proto(float_model)
     notes: list[str] = []
     if config.smooth_alpha is not None and calibration_data is not None:
@@ -231,17 +232,23 @@ def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams
     )
 
 
-def resolve_reduce_range(config: QuantConfig) -> tuple[bool, str]:
-    """The config's choice, or: 7-bit weights where u8s8 int8 kernels can saturate."""
+def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantConfig, str]:
+    """``config`` (default: ``QuantConfig()``) with its target's scheme filled in and checked
+    against ``mode``, and why weights are (or are not) 7-bit. The host CPU plays no part."""
+    config = config or QuantConfig()
+    target = get_target(config.target)
+    check_mode(target, mode)
     if config.reduce_range is not None:
-        return config.reduce_range, "set by the user"
-    cpu = cpu_features()
-    u8s8 = config.activation_type is QuantType.UINT8 and config.weight_type is QuantType.INT8
-    if u8s8 and cpu.u8s8_saturates:
-        return True, "auto: x86 CPU without VNNI, u8s8 products could saturate int16"
-    if not u8s8:
-        return False, "auto: not a u8s8 scheme, no saturation risk"
-    return False, "auto: CPU has VNNI (or is not x86), no saturation risk"
+        reason = "set by the user"
+    elif target.reduce_range:
+        reason = (
+            f"target {target.name}: 7-bit weights keep u8 x s8 pair sums inside int16 on x86 "
+            "without VNNI"
+        )
+    else:
+        needs = " (x86 deployment CPUs need VNNI)" if target.requires_vnni else ""
+        reason = f"target {target.name}: 8-bit weights{needs}"
+    return config.resolved(), reason
 
 
 QUANTIZED_OPS = frozenset(
@@ -271,10 +278,10 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
             )
 
 
-def finish(model: ir.Model, config: QuantConfig, reduce_range: bool) -> onnx.ModelProto:
+def finish(model: ir.Model, config: QuantConfig) -> onnx.ModelProto:
     """Serialise, record provenance, and check with ``full_check`` (a failure is our bug)."""
     out = ir.to_proto(model)
-    stamp_provenance(out, config, reduce_range)
+    stamp_provenance(out, config)
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -284,19 +291,35 @@ def finish(model: ir.Model, config: QuantConfig, reduce_range: bool) -> onnx.Mod
     return out
 
 
-def stamp_provenance(model: onnx.ModelProto, config: QuantConfig, reduce_range: bool) -> None:
-    """Record provenance in the model's metadata."""
+def stamp_provenance(model: onnx.ModelProto, config: QuantConfig) -> None:
+    """Record provenance in the model's metadata: onnxq's version, the config, the target and
+    the scheme the file was written with (``onnxq.targets.recorded_target`` reads it back)."""
     import json
 
     from onnxq import __version__
 
+    target = get_target(config.target)
     entries = {
         "onnxq.version": __version__,
         "onnxq.config": json.dumps(config.to_dict(), sort_keys=True),
-        "onnxq.reduce_range": str(reduce_range).lower(),
+        "onnxq.target": target.name,
+        "onnxq.scheme": json.dumps(scheme_of(config), sort_keys=True),
+        "onnxq.reduce_range": str(bool(config.reduce_range)).lower(),
     }
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)
     for key, value in entries.items():
         model.metadata_props.add(key=key, value=value)
+
+
+def scheme_of(config: QuantConfig) -> dict[str, Any]:
+    """The integer scheme a resolved config writes, as plain values."""
+    return {
+        "target": config.target,
+        "activation_type": config.activation_type.value,
+        "activation_symmetric": bool(config.activation_symmetric),
+        "weight_type": config.weight_type.value,
+        "weight_bits": 7 if config.reduce_range else config.weight_type.bits,
+        "per_channel": bool(config.per_channel),
+    }

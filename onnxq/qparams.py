@@ -25,24 +25,31 @@ from onnxq.config import QuantType
 INT32_MAX = np.iinfo(np.int32).max
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-_NUMPY_TYPES = {QuantType.UINT8: np.uint8, QuantType.INT8: np.int8}
+_NUMPY_TYPES = {
+    QuantType.UINT8: np.uint8,
+    QuantType.INT8: np.int8,
+    QuantType.UINT16: np.uint16,
+    QuantType.INT16: np.int16,
+}
 
 
 @dataclass(frozen=True)
 class QParams:
-    """Scale and zero point of one tensor: scalars (per-tensor) or vectors along ``axis``."""
+    """Scale and zero point of one tensor: scalars (per-tensor) or vectors along ``axis``;
+    ``bounds`` are the integers it may use when narrower than its type (7-bit weights)."""
 
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None = None
+    bounds: tuple[int, int] | None = None
 
     @property
     def qmin(self) -> int:
-        return int(np.iinfo(self.zero_point.dtype).min)
+        return self.bounds[0] if self.bounds else int(np.iinfo(self.zero_point.dtype).min)
 
     @property
     def qmax(self) -> int:
-        return int(np.iinfo(self.zero_point.dtype).max)
+        return self.bounds[1] if self.bounds else int(np.iinfo(self.zero_point.dtype).max)
 
 
 def integer_bounds(
@@ -51,7 +58,7 @@ def integer_bounds(
     """The integers a tensor may use (rules 2 and 3)."""
     qmin, qmax = qtype.bounds
     if reduce_range:
-        qmin, qmax = (0, 127) if qtype is QuantType.UINT8 else (-64, 63)
+        qmin, qmax = qmin // 2, qmax // 2
     if symmetric:
         if qtype is QuantType.UINT8:
             raise ValueError("symmetric quantization needs a signed type")
@@ -97,7 +104,8 @@ def compute_qparams(
     with np.errstate(over="ignore"):
         if not np.all(np.isfinite(reach.astype(np.float32))):
             raise too_wide
-    return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis)
+    narrowed = (qmin, qmax) if (qmin, qmax) != qtype.bounds else None
+    return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis, narrowed)
 
 
 def _zero_point(rmin: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:

@@ -25,7 +25,7 @@ import onnx_ir as ir
 from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.collect import augment_outputs, graph_session
 from onnxq.calibration.readers import open_feeds
-from onnxq.config import QuantConfig
+from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
@@ -36,9 +36,10 @@ from onnxq.pipeline import (
     build_quantized,
     prepare_float,
     refuse_quantized,
-    resolve_reduce_range,
+    resolve_config,
 )
 from onnxq.runtime import make_session
+from onnxq.targets import get_target
 
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
 
@@ -78,8 +79,8 @@ class _Study:
         proto = model_proto(model)
         refuse_quantized(proto)
         self.size_before = proto.ByteSize()
-        self.config = config
-        self.reduce_range, self.reduce_reason = resolve_reduce_range(config)
+        self.config, self.reduce_reason = resolve_config(config, QuantMode.STATIC)
+        config = self.config
         float_model, self.float_proto, self.notes = prepare_float(proto, config, calibration_data)
         plan = plan_quantization(float_model, config)
         self.calibration = calibrate_plan(self.float_proto, plan, calibration_data, config)
@@ -98,9 +99,7 @@ class _Study:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
         config = self.config.replace(exclude_nodes=self.config.exclude_nodes + patterns)
         float_model = ir.from_proto(self.float_proto)  # each variant rewrites its own copy
-        return build_quantized(
-            float_model, self.calibration, config, self.reduce_range, self.rounded
-        )
+        return build_quantized(float_model, self.calibration, config, self.rounded)
 
     def outputs(self, model: onnx.ModelProto, names: Sequence[str] = ()) -> list[np.ndarray]:
         """Per requested tensor, all eval batches joined. The first graph output runs with ORT's
@@ -232,9 +231,10 @@ def _report(
         size_before=study.size_before,
         size_after=model.ByteSize(),
         samples=study.calibration.samples,
-        reduce_range=study.reduce_range,
+        reduce_range=study.config.reduce_range,
         reduce_range_reason=study.reduce_reason,
         uncalibrated=study.calibration.uncalibrated,
         config=study.config.to_dict(),
+        target=get_target(study.config.target).to_dict(),
         notes=notes,
     )

@@ -76,6 +76,7 @@ def range_for(observer: MinMaxObserver, config: QuantConfig) -> Range:
             f"the {method.value} range needs a {observer_kind(method).kind} observer, "
             f"got {observer.kind}"
         )
+    config = config.resolved()  # the target's activation type where the config leaves it
     qmin, qmax = config.activation_type.bounds
     if method is CalibrationMethod.MINMAX:
         return minmax_range(observer)

@@ -12,14 +12,14 @@ the larger ``alpha``, so a channel without outliers keeps its min-max range. Wit
 clipping pays only for channels with many values and rare large ones (the rounding error of
 ``n`` values, ``n s**2 / 12``, must outweigh the clipped values' squared excess).
 
-With ``reduce_range`` the ranges stay min-max: weights outside a clipped range would be
-rounded to levels beyond the 7-bit bounds (quantization saturates at the 8-bit type's
-bounds), undoing what ``reduce_range`` is for.
+With ``reduce_range`` the search runs over 7-bit levels, and clipped weights saturate at the
+7-bit bounds (``QParams.bounds``), never beyond them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -46,8 +46,6 @@ def mse_weight_qparams(
 ) -> QParams:
     """QParams of ``weight`` (per channel along ``axis``, or per tensor) with MSE clipping."""
     weight = np.asarray(weight, dtype=np.float32)
-    if reduce_range:
-        return weight_qparams(weight, qtype, axis=axis, symmetric=symmetric, reduce_range=True)
     rows = _rows(weight, axis)
     rmin = np.minimum(rows.min(axis=1), 0.0).astype(np.float64)
     rmax = np.maximum(rows.max(axis=1), 0.0).astype(np.float64)
@@ -66,8 +64,8 @@ def mse_weight_qparams(
         best_alpha * rmin, best_alpha * rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
     )
     if axis is None:
-        return QParams(qp.scale.reshape(()), qp.zero_point.reshape(()), None)
-    return QParams(qp.scale, qp.zero_point, axis)
+        return replace(qp, scale=qp.scale.reshape(()), zero_point=qp.zero_point.reshape(()))
+    return replace(qp, axis=axis)
 
 
 def _rows(weight: np.ndarray, axis: int | None) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, workers_option
+from onnxq.cli.options import CALIB_HELP, batching, plan_filters, target_option, workers_option
 from onnxq.config import CalibrationMethod, QuantConfig
 from onnxq.model_io import check_output_path
 
@@ -45,6 +45,7 @@ from onnxq.model_io import check_output_path
     help="Also record GPTQ's input Hessians (large); without them GPTQ rounds to nearest.",
 )
 @plan_filters
+@target_option
 def command(
     model: Path,
     output: Path,
@@ -56,6 +57,7 @@ def command(
     max_samples: int | None,
     hessians: bool,
     plan: dict[str, Any],
+    target: str,
 ) -> None:
     """Observe MODEL's activations on --calib data and write their statistics to -o."""
     from tqdm import tqdm
@@ -68,6 +70,7 @@ def command(
     if hessians:
         check_output_path(hessians_path(output), model, calib)
     config = QuantConfig(
+        target=target,
         averaging_constant=averaging_constant,
         batch_size=batch_size,
         max_samples=max_samples,

@@ -10,6 +10,7 @@ import click
 
 from onnxq.config import CalibrationMethod
 from onnxq.runtime import Provider
+from onnxq.targets import DEFAULT_TARGET, TARGETS
 
 CALIB_HELP = ".npz file, or a folder of .npz / .npy / test_data_set_* feeds."
 
@@ -74,6 +75,24 @@ method_option = click.option(
     help="Activation range from the calibration statistics.",
 )
 """``--method``: the activation range method (``QuantConfig.method``)."""
+
+
+def _target_help() -> str:
+    from onnxq.targets import TARGETS, target_names
+
+    return "Deployment target (default ort-cpu): " + "; ".join(
+        f"{name}: {TARGETS[name].summary}" for name in target_names()
+    )
+
+
+target_option = click.option(
+    "--target",
+    type=click.Choice(list(TARGETS)),
+    default=DEFAULT_TARGET,
+    show_default=True,
+    help=_target_help(),
+)
+"""``--target``: the runtime the model is written for; it picks the integer scheme."""
 
 
 provider_option = click.option(

@@ -15,6 +15,7 @@ from onnxq.cli.options import (
     batching,
     method_option,
     plan_filters,
+    target_option,
     workers_option,
 )
 from onnxq.config import (
@@ -87,23 +88,28 @@ from onnxq.model_io import check_output_path, save_model, write_json
     show_default=True,
     help="Per-channel weight ranges: min-max, or clipped for least squared error.",
 )
-@click.option("--per-channel/--per-tensor", default=True, show_default=True)
+@target_option
+@click.option(
+    "--per-channel/--per-tensor",
+    default=None,
+    help="Weight scales per output channel (default: where the target allows it).",
+)
 @click.option(
     "--activation-type",
     type=click.Choice([t.value for t in QuantType]),
-    default="uint8",
-    show_default=True,
+    default=None,
+    help="Default: the target's (ort-cpu: uint8).",
 )
 @click.option(
     "--weight-type",
     type=click.Choice([t.value for t in QuantType]),
-    default="int8",
-    show_default=True,
+    default=None,
+    help="Default: the target's (ort-cpu: int8).",
 )
 @click.option(
     "--reduce-range/--no-reduce-range",
     default=None,
-    help="7-bit weights. Default: on where u8s8 kernels can saturate (x86 without VNNI).",
+    help="7-bit weights. Default: the target's (on for ort-cpu, safe on x86 without VNNI).",
 )
 @batching
 @workers_option
@@ -148,9 +154,10 @@ def command(
     percentile: float,
     averaging_constant: float,
     weight_range: str,
-    per_channel: bool,
-    activation_type: str,
-    weight_type: str,
+    target: str,
+    per_channel: bool | None,
+    activation_type: str | None,
+    weight_type: str | None,
     reduce_range: bool | None,
     batch_size: int,
     max_samples: int | None,
@@ -178,6 +185,7 @@ def command(
     if summary_json is not None:
         check_output_path(summary_json, output, *sources)
     config = QuantConfig(
+        target=target,
         method=method,
         percentile=percentile,
         averaging_constant=averaging_constant,
@@ -259,6 +267,7 @@ def _summary(report: dict, output: Path) -> str:
     before, after = report["size_before"], report["size_after"]
     lines.append(f"size: {_mb(before)} -> {_mb(after)} ({100 * after / before:.1f}%)")
     config = report["config"]
+    lines.append(_scheme_line(config))
     reduce = "on" if report["reduce_range"] else "off"
     source = f"from {report['ranges_file']} " if report.get("ranges_file") else ""
     if config.get("mode") == "dynamic":
@@ -274,6 +283,17 @@ def _summary(report: dict, output: Path) -> str:
         lines.append(f"no finite calibration values, left float: {skipped}")
     lines.append(f"wrote {output}")
     return "\n".join(lines)
+
+
+def _scheme_line(config: dict) -> str:
+    """E.g. ``target ort-cpu: activations uint8, weights int8 (7-bit), per-channel``."""
+    bits = " (7-bit)" if config.get("reduce_range") else ""
+    symmetric = " symmetric" if config.get("activation_symmetric") else ""
+    granularity = "per-channel" if config.get("per_channel") else "per-tensor"
+    return (
+        f"target {config['target']}: activations {config['activation_type']}{symmetric}, "
+        f"weights {config['weight_type']}{bits}, {granularity}"
+    )
 
 
 def _mb(size: int) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli.options import method_option
+from onnxq.cli.options import method_option, target_option
 from onnxq.config import QuantConfig
 
 
@@ -29,6 +29,7 @@ from onnxq.config import QuantConfig
 @click.option("--max-samples", type=int, default=None)
 @click.option("--top", type=int, default=20, show_default=True, help="Layers to list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
+@target_option
 def command(
     model: Path,
     calib: Path,
@@ -38,6 +39,7 @@ def command(
     max_samples: int | None,
     top: int,
     json_path: Path | None,
+    target: str,
 ) -> None:
     """Per layer: output SQNR in the int8 model, and the metric gained by keeping it float."""
     from dataclasses import asdict
@@ -47,7 +49,7 @@ def command(
     from onnxq.model_io import write_json
     from onnxq.sensitivity import analyze_sensitivity
 
-    config = QuantConfig(method=method, max_samples=max_samples)
+    config = QuantConfig(target=target, method=method, max_samples=max_samples)
     metric = "top1" if labels is not None else "cosine"
     truth = np.load(labels) if labels is not None else None
     report = analyze_sensitivity(model, calib, eval_data, config, metric=metric, labels=truth)

@@ -35,10 +35,10 @@ FLOAT = ir.DataType.FLOAT
 
 @dataclass
 class DynamicQuantizePass(ir.passes.InPlacePass):
-    """Apply the module's rules; ``decisions`` records every candidate node."""
+    """Apply the module's rules (weights as a resolved ``config`` says: per-channel, 7-bit);
+    ``decisions`` records every candidate node."""
 
     config: QuantConfig
-    reduce_range: bool = False
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -185,15 +185,17 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
 
     def _weight_qparams(self, array: np.ndarray, axis: int | None) -> QParams:
         return weight_qparams(
-            array, QuantType.INT8, axis=axis, symmetric=True, reduce_range=self.reduce_range
+            array,
+            QuantType.INT8,
+            axis=axis,
+            symmetric=True,
+            reduce_range=bool(self.config.reduce_range),
         )
 
 
-def quantize_dynamic_graph(
-    model: ir.Model, config: QuantConfig, *, reduce_range: bool = False
-) -> list[NodeDecision]:
+def quantize_dynamic_graph(model: ir.Model, config: QuantConfig) -> list[NodeDecision]:
     """Function twin of ``DynamicQuantizePass``: rewrites in place, returns the decisions."""
-    rewrite = DynamicQuantizePass(config, reduce_range)
+    rewrite = DynamicQuantizePass(config)
     rewrite(model)
     return rewrite.decisions
 

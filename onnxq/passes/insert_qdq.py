@@ -6,31 +6,39 @@ Rewrite rules (``InsertQDQPass``):
    and ORT fuses it); otherwise only quantized readers do and float readers keep the exact
    value. Graph outputs keep the float tensor unless ``quantize_outputs``.
 2. Weight ``W`` -> int8 (or uint8) initializer -> ``DequantizeLinear`` (``axis`` when
-   per-channel). The float initializer is dropped once nothing else reads it, so the file
-   shrinks about 4x.
+   per-channel and the target allows it for the op). The float initializer is dropped once
+   nothing else reads it, so the file shrinks about 4x.
 3. Conv/Gemm bias ``b`` -> int32 initializer with ``scale = input_scale * weight_scale``,
-   zero point 0 -> ``DequantizeLinear``. Weight scales are raised first where the int32 bias
-   would overflow.
+   zero point 0 -> ``DequantizeLinear``, where the target's bias form is int32 (else it stays
+   float). Weight scales are raised first where the int32 bias would overflow.
 4. Scale and zero-point initializers are shared by every Q/DQ of the same root tensor.
+5. Q/DQ of 16-bit activations below opset 21 are written in the ``com.microsoft`` domain
+   (the target's ``wide_qdq_domain``), which ONNX Runtime runs at any opset.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.weight_ranges import weight_qparams_for
-from onnxq.config import QuantConfig, QuantType
+from onnxq.config import QuantConfig
 from onnxq.passes.op_rules import OpRule, weight_axis
+from onnxq.passes.opset import default_opset
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
 from onnxq.passes.weight_rounding import round_weight
 from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias
+from onnxq.targets import BiasForm, get_target
+
+WIDE_QDQ_OPSET = 21  # 16-bit (and 4-bit) Q/DQ in the default domain
 
 
 class InsertQDQPass(ir.passes.InPlacePass):
-    """Insert Q/DQ pairs and quantized initializers (see module docstring)."""
+    """Insert Q/DQ pairs and quantized initializers (see module docstring); ``config`` is
+    resolved (``QuantConfig.resolved``)."""
 
     def __init__(
         self,
@@ -38,7 +46,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         activation_qparams: Mapping[str, QParams],
         config: QuantConfig,
         *,
-        reduce_range: bool,
         hessians: Mapping[str, np.ndarray] | None = None,
         rounded: dict | None = None,
     ) -> None:
@@ -47,17 +54,22 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.plan = plan
         self.activation_qparams = activation_qparams
         self.config = config
-        self.reduce_range = reduce_range
         self.hessians = hessians or {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        wide = (self.config.activation_type.bits > 8) and (
+            (default_opset(model) or WIDE_QDQ_OPSET) < WIDE_QDQ_OPSET
+        )
+        activation_domain = get_target(self.config.target).wide_qdq_domain if wide else ""
+        if activation_domain:
+            model.opset_imports.setdefault(activation_domain, 1)
         rewriter = _Rewriter(
             model.graph,
             self.activation_qparams,
             self.config,
-            self.reduce_range,
             self.hessians,
             self.rounded,
+            activation_domain,
         )
         int8_readers = {id(node) for node, _ in self.plan.nodes} | {
             id(node)
@@ -80,7 +92,6 @@ def insert_qdq(
     activation_qparams: Mapping[str, QParams],
     config: QuantConfig,
     *,
-    reduce_range: bool = False,
     hessians: Mapping[str, np.ndarray] | None = None,
     rounded: dict | None = None,
 ) -> ir.Model:
@@ -94,7 +105,6 @@ def insert_qdq(
         plan,
         activation_qparams,
         config,
-        reduce_range=reduce_range,
         hessians=hessians,
         rounded=rounded,
     )
@@ -109,16 +119,18 @@ class _Rewriter:
         graph: ir.Graph,
         activation_qparams: Mapping[str, QParams],
         config: QuantConfig,
-        reduce_range: bool,
         hessians: Mapping[str, np.ndarray],
         rounded: dict,
+        activation_domain: str = "",
     ) -> None:
         self.graph = graph
         self.hessians = hessians
         self.rounded = rounded
         self.activation_qparams = activation_qparams
         self.config = config
-        self.reduce_range = reduce_range
+        self.target = get_target(config.target)
+        self.reduce_range = bool(config.reduce_range)
+        self.activation_domain = activation_domain
         self.values = {v.name: v for v in _all_values(graph)}
         self.qparam_inputs: dict[tuple[str, bytes, bytes], tuple[ir.Value, ir.Value]] = {}
         self.weight_dq: dict[tuple[str, int | None, bytes], tuple[ir.Value, QParams]] = {}
@@ -136,14 +148,14 @@ class _Rewriter:
             name=f"{name}_dequantized", shape=value.shape, type=ir.TensorType(ir.DataType.FLOAT)
         )
         q_node = ir.Node(
-            "",
+            self.activation_domain,
             "QuantizeLinear",
             [value, scale, zero_point],
             outputs=[quantized],
             name=f"{name}_QuantizeLinear",
         )
         dq_node = ir.Node(
-            "",
+            self.activation_domain,
             "DequantizeLinear",
             [quantized, scale, zero_point],
             outputs=[dequantized],
@@ -190,8 +202,11 @@ class _Rewriter:
                 self._quantize_bias(node, rule.bias_input, bias, qp)
 
     def _bias_quantizable(self, node: ir.Node, bias: ir.Value | None) -> bool:
-        """A bias is int32-quantized only when it is a 1-D float constant of a node whose input
-        is quantized (and, for Gemm, ``alpha == beta == 1``)."""
+        """A bias is int32-quantized only where the target stores int32 biases, when it is a 1-D
+        float constant of a node whose input is quantized (and, for Gemm, ``alpha == beta ==
+        1``)."""
+        if self.target.bias is not BiasForm.INT32:
+            return False
         if bias is None or not is_constant(bias) or not is_float32(bias):
             return False
         if len(bias.const_value.shape) != 1 or self._input_qparams(node) is None:
@@ -206,8 +221,9 @@ class _Rewriter:
         self, node: ir.Node, index: int, weight: ir.Value, bias: ir.Value | None
     ) -> tuple[ir.Value, QParams]:
         array = weight.const_value.numpy().astype(np.float32)
-        axis = weight_axis(node, index, array.ndim) if self.config.per_channel else None
-        symmetric = self.config.weight_type is QuantType.INT8
+        per_channel = self.config.per_channel and node.op_type in self.target.per_channel_ops
+        axis = weight_axis(node, index, array.ndim) if per_channel else None
+        symmetric = self.config.weight_type.signed
         weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
         qp = weight_qparams(
             array,
@@ -229,7 +245,7 @@ class _Rewriter:
                 )
             limit = np.abs(bias_array).max() if qp.axis is None else np.abs(bias_array)
             scale = fit_weight_scale_to_bias(qp.scale, input_scale, np.asarray(limit))
-            qp = QParams(scale.reshape(qp.scale.shape), qp.zero_point, qp.axis)
+            qp = replace(qp, scale=scale.reshape(qp.scale.shape))
         hessian = self.hessians.get(node.name) if index == 1 else None
         key = (weight.name, qp.axis, qp.scale.tobytes())
         if key not in self.weight_dq:

@@ -42,11 +42,8 @@ QUANTIZABLE_OPS: dict[str, OpRule] = {
     "LeakyRelu": OpRule("QLinearLeakyRelu"),
     "Concat": OpRule("QLinearConcat", activation_inputs=None),
 }
-"""Ops onnxq knows how to quantize; ``op_types`` in the config selects among them."""
-
-DEFAULT_OPS = frozenset(QUANTIZABLE_OPS) - {"ConvTranspose"}
-"""Quantized unless the config says otherwise: ops ORT's CPU provider fuses into an int8
-kernel. ORT 1.32 leaves a QDQ ConvTranspose in float (pure overhead), so it is opt-in."""
+"""Ops onnxq knows how to quantize; a target's ``quantized_ops`` (or the config's ``op_types``)
+selects among them."""
 
 PASS_THROUGH_OPS = frozenset(
     {
@@ -69,10 +66,6 @@ PASS_THROUGH_OPS = frozenset(
 )
 """Ops that only move or select values (input 0): their output shares their input's qparams,
 so ORT drops the surrounding DQ/Q and runs them on int8 data."""
-
-FOLDABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
-"""Followers whose clipping a QuantizeLinear already does: the Q goes after them and ORT
-removes them (zero point at qmin for Relu, Q range inside Clip's bounds)."""
 
 
 def weight_axis(node: ir.Node, weight_index: int, rank: int) -> int | None:

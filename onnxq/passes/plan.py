@@ -4,10 +4,12 @@
 ``QuantPlan``. It changes nothing. Rules, in order:
 
 1. Only main-graph nodes of the default domain are candidates; subgraph bodies stay float.
-2. A candidate needs a rule in ``op_rules.QUANTIZABLE_OPS`` (an int8 kernel exists), must pass
-   the config's op-type and node-name filters, and every activation input must be a
-   non-constant float32 tensor (constants only where the rule takes a weight).
-3. The quantization point of a node's output moves past a single Relu/Clip follower.
+2. A candidate needs a rule in ``op_rules.QUANTIZABLE_OPS``, must be one of the target's
+   ``quantized_ops`` (its runtime has an int8 kernel) or of the config's ``op_types``, pass the
+   node-name filters, and every activation input must be a non-constant float32 tensor
+   (constants only where the rule takes a weight).
+3. The quantization point of a node's output moves past a single follower the target's runtime
+   fuses (``fold_activations``: Relu, Clip).
 4. A node whose quantization point is a graph output declines unless its kernel also has a
    float output or ``quantize_outputs`` is set. Kernels with a float output (MatMul, Gemm)
    get an output Q/DQ only where a quantized consumer reads it.
@@ -32,13 +34,12 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.passes.op_rules import (
-    DEFAULT_OPS,
-    FOLDABLE_ACTIVATIONS,
     PASS_THROUGH_OPS,
     QUANTIZABLE_OPS,
     OpRule,
     clip_is_foldable,
 )
+from onnxq.targets import get_target
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,8 @@ def plan_quantization(
     """Apply the module's rules to the main graph of ``model``."""
     graph = model.graph
     skip = set(skip_tensors)
-    allowed_ops = set(config.op_types) or DEFAULT_OPS
+    target = get_target(config.target)
+    allowed_ops = set(config.op_types) or target.quantized_ops
     excluded_ops = set(config.exclude_op_types)
     name_patterns = [re.compile(p) for p in config.exclude_nodes]
     plan = QuantPlan()
@@ -125,7 +127,7 @@ def plan_quantization(
         if reason:
             decline(reason)
             continue
-        point = _output_point(node)
+        point = _output_point(node, target.fold_activations)
         if point is not None and (point.name in skip or not is_float32(point)):
             point = None
         if point is not None and point.is_graph_output() and not config.quantize_outputs:
@@ -259,8 +261,9 @@ def _check_inputs(node: ir.Node, rule: OpRule, skip: set[str]) -> str:
     return ""
 
 
-def _output_point(node: ir.Node) -> ir.Value | None:
-    """Where the node's output is quantized: after a sole Relu/Clip follower, else the output."""
+def _output_point(node: ir.Node, fold: frozenset[str]) -> ir.Value | None:
+    """Where the node's output is quantized: after a sole follower in ``fold``, else the
+    output."""
     if len(node.outputs) != 1:
         return None
     output = node.outputs[0]
@@ -268,7 +271,7 @@ def _output_point(node: ir.Node) -> ir.Value | None:
     if len(uses) == 1 and not output.is_graph_output():
         follower = uses[0].node
         if (
-            follower.op_type in FOLDABLE_ACTIVATIONS
+            follower.op_type in fold
             and follower.domain in ("", "ai.onnx")
             and uses[0].idx == 0
             and clip_is_foldable(follower)

@@ -11,6 +11,8 @@ multiplies. Rules:
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx_ir as ir
 
@@ -53,7 +55,7 @@ def round_weight(
     out = np.empty(rows.shape, dtype=qp.zero_point.dtype)
     for g in range(groups):
         part = slice(g * per_group, (g + 1) * per_group)
-        group_qp = QParams(row_qp.scale[part], row_qp.zero_point[part], 0)
+        group_qp = replace(row_qp, scale=row_qp.scale[part], zero_point=row_qp.zero_point[part])
         out[part] = gptq_round(rows[part], hessian[g], group_qp)
     return out.T if transposed else out.reshape(weight.shape)
 
@@ -66,7 +68,7 @@ def _row_qparams(qp: QParams, rows: int) -> QParams:
         if qp.zero_point.size == 1
         else (qp.zero_point)
     )
-    return QParams(np.asarray(scale), np.asarray(zero), 0)
+    return replace(qp, scale=np.asarray(scale), zero_point=np.asarray(zero), axis=0)
 
 
 def _attr(node: ir.Node, name: str) -> int:

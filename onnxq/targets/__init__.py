@@ -1,0 +1,73 @@
+"""Deployment targets: the runtime (and CPU class) a quantized model is written for.
+
+``get_target(name)`` looks one up; ``resolve_scheme(config)`` fills the scheme fields a
+``QuantConfig`` leaves unset from its target. See ``spec`` for what a target holds and
+``catalog`` for the targets and the measurements behind them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from onnxq.errors import ConfigError
+from onnxq.targets.catalog import DEFAULT_TARGET, TARGETS
+from onnxq.targets.spec import BiasForm, Target
+
+if TYPE_CHECKING:
+    from onnxq.config import QuantConfig, QuantMode
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "TARGETS",
+    "BiasForm",
+    "Target",
+    "check_mode",
+    "get_target",
+    "resolve_scheme",
+    "target_names",
+]
+
+
+def target_names() -> list[str]:
+    """Every known target name, the default first."""
+    return [DEFAULT_TARGET, *sorted(set(TARGETS) - {DEFAULT_TARGET})]
+
+
+def get_target(name: str | Target) -> Target:
+    """The target called ``name``; an unknown name is a ``ConfigError`` listing the known ones."""
+    if isinstance(name, Target):
+        return name
+    try:
+        return TARGETS[name]
+    except (KeyError, TypeError):
+        raise ConfigError(
+            f"unknown target {name!r}; known targets: {', '.join(target_names())}"
+        ) from None
+
+
+def resolve_scheme(config: QuantConfig) -> QuantConfig:
+    """``config`` with every unset scheme field taken from its target.
+
+    A field the target fixes (its runtime accepts nothing else) may be set only to the target's
+    own value; anything else is a ``ConfigError`` naming the field and the target.
+    """
+    target = get_target(config.target)
+    changes = {}
+    for name, value in target.scheme().items():
+        current = getattr(config, name)
+        if current is None:
+            changes[name] = value
+        elif name in target.fixed and current != value:
+            shown = getattr(value, "value", value)
+            raise ConfigError(
+                f"target {target.name} needs {name}={shown} ({target.summary}); "
+                f"got {getattr(current, 'value', current)}"
+            )
+    return config.replace(**changes) if changes else config
+
+
+def check_mode(target: Target, mode: QuantMode) -> None:
+    """A mode the target's runtime cannot run is a ``ConfigError`` naming the ones it can."""
+    if mode not in target.modes:
+        modes = ", ".join(sorted(m.value for m in target.modes))
+        raise ConfigError(f"target {target.name} supports --mode {modes}, not {mode.value}")
