@@ -121,7 +121,7 @@ def onnxq_dynamic(
 
     result = quantize_dynamic_with_report(
         job.fp32,
-        QuantConfig(smooth_alpha=smooth_alpha),
+        QuantConfig(smooth=smooth_alpha is not None, smooth_alpha=smooth_alpha),
         calibration_data=calib if smooth else None,
     )
     save_model(result.model, job.out)

@@ -111,9 +111,11 @@ class QuantConfig:
         quantize_activation_matmuls: static mode quantizes MatMuls of two activations
             (attention scores and context) on their own, not only inside an int8 region.
             Off by default: at short sequences they cost more in Q/DQ than int8 saves.
-        smooth_alpha: SmoothQuant migration strength for the inputs of weight MatMuls
-            (``None``: off). Static mode smooths from the calibration data; dynamic mode from
-            the calibration data when given, else (token models) from random token sequences.
+        smooth: SmoothQuant on the inputs of weight MatMuls. Static mode smooths from the
+            calibration data; dynamic mode from the calibration data when given, else (token
+            models) from random token sequences.
+        smooth_alpha: its migration strength (``None``: from the weight precision, see
+            ``onnxq.targets.SMOOTH_ALPHA``).
         smooth_fold_only: smooth only the inputs whose factor folds into a producer, so that
             SmoothQuant adds no node; by default the others get a ``Mul``.
         quantize_embeddings: store embedding tables (Gather of a constant matrix) as int8
@@ -139,7 +141,8 @@ class QuantConfig:
     quantize_outputs: bool = False
     quantize_activation_matmuls: bool = False
     quantize_embeddings: bool = True
-    smooth_alpha: float | None = 0.7
+    smooth: bool = True
+    smooth_alpha: float | None = None
     smooth_fold_only: bool = False
     version: int = field(default=CONFIG_VERSION)
 

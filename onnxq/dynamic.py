@@ -15,14 +15,15 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
-from onnxq.config import QuantConfig, QuantMode
+from onnxq.config import QuantConfig, QuantMode, WeightRounding
 from onnxq.errors import CalibrationDataError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
-from onnxq.passes.plan import NodeDecision
+from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
     ModelSource,
@@ -67,10 +68,10 @@ def quantize_dynamic_with_report(
     plain_model, prepared, _ = prepare_float(proto, config)  # no data here: nothing smoothed
     smoothed_model, smoothing_data, notes = _smooth(prepared, config, calibration_data)
     if smoothed_model is None:
-        out, decisions = _quantize(plain_model, config)
+        out, decisions = _quantize(plain_model, config, calibration_data)
     else:  # the plain candidate records what it is: no smoothing
-        smoothed = _quantize(smoothed_model, config)
-        plain = _quantize(plain_model, config.replace(smooth_alpha=None))
+        smoothed = _quantize(smoothed_model, config, calibration_data)
+        plain = _quantize(plain_model, config.replace(smooth=False), calibration_data)
         out, decisions, verdict = _keep_smoothing_if_it_pays(
             proto, smoothed, plain, smoothing_data, config
         )
@@ -95,7 +96,7 @@ def _smooth(
     """SmoothQuant on a copy of the prepared float model, from the calibration data, else
     (token models) from random token sequences: the smoothed model (``None`` where nothing was
     smoothed), the data it read, and notes."""
-    if config.smooth_alpha is None:
+    if not config.smooth:
         return None, None, []
     data, notes = calibration_data, []
     if data is None:
@@ -137,13 +138,28 @@ def _keep_smoothing_if_it_pays(
 
 
 def _quantize(
-    float_model: ir.Model, config: QuantConfig
+    float_model: ir.Model, config: QuantConfig, data: Any
 ) -> tuple[onnx.ModelProto, list[NodeDecision]]:
-    """Int8 weights (rewriting ``float_model``), embedding tables, check."""
-    decisions = quantize_dynamic_graph(float_model, config)
+    """Int8 weights (rewriting ``float_model``; GPTQ-rounded from real calibration ``data``
+    where given: Hessians from random tokens lowered MiniLM's cosine on real text, 0.9943 ->
+    0.9937), embedding tables, check."""
+    hessians = _weight_hessians(float_model, config, data)
+    decisions = quantize_dynamic_graph(float_model, config, hessians)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
     return finish(float_model, config), decisions
+
+
+def _weight_hessians(float_model: ir.Model, config: QuantConfig, data: Any) -> dict[str, Any]:
+    """GPTQ's input Hessians ``E[x x^T]`` of the weight MatMuls over ``data`` (none without
+    data, or with nearest rounding)."""
+    if data is None or config.weight_rounding is not WeightRounding.GPTQ:
+        return {}
+    plan = plan_quantization(float_model, config.replace(op_types=("MatMul",)))
+    weights_only = QuantPlan(nodes=plan.nodes)
+    proto = ir.to_proto(float_model)
+    calibration = calibrate_plan(proto, weights_only, data, config, methods=(), hessians=True)
+    return calibration.hessians or {}
 
 
 def _output_sqnr(

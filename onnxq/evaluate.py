@@ -50,6 +50,7 @@ from onnxq.runtime import (
     environment,
     make_session,
 )
+from onnxq.saturation import saturation_risk
 
 PathLike = str | os.PathLike[str]
 Feed = dict[str, np.ndarray]
@@ -58,10 +59,7 @@ CUDA_NOTE = (
     "the CUDA execution provider has no int8 QLinearConv/QLinearMatMul kernels: a QDQ model "
     "runs there as fake-quant float (an accuracy check), usually slower than fp32"
 )
-U8S8_NOTE = (
-    "this x86 CPU has no VNNI: ORT's u8s8 int8 kernels can saturate 16-bit intermediates "
-    "unless weights are 7-bit (reduce_range); the accuracy here is what this CPU gives"
-)
+U8S8_NOTE = "this x86 CPU has no VNNI; {name}: {risk}"
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -330,10 +328,14 @@ def compare(
     specs = input_specs(fp32_proto)
     models = [_describe(fp32_path, fp32_proto)]
     del fp32_proto
+    risks: list[tuple[str, str]] = []  # models whose int8 weights saturate without VNNI
     for path in quantized_paths:
         proto = load_model(path)
         _check_same_interface(models[0], specs, path, proto)
         models.append(_describe(path, proto))
+        risk = saturation_risk(proto)
+        if risk is not None:
+            risks.append((models[-1].name, risk.describe()))
     _unique_names(models)
     for model in models:
         model.session = make_session(model.path, chosen, intra_op_threads=intra_op_threads)
@@ -354,7 +356,7 @@ def compare(
     if chosen is Provider.CUDA:
         notes.append(CUDA_NOTE)
     elif cpu_features().u8s8_saturates:
-        notes.append(U8S8_NOTE)
+        notes += [U8S8_NOTE.format(name=name, risk=risk) for name, risk in risks]
     peaks: list[int | None] = [None] * len(models)
     if measure_memory:
         peaks = session_peak_memory(

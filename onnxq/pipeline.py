@@ -216,7 +216,7 @@ def prepare_float(
     float_model = prepare(ir.from_proto(proto), min_opset=get_target(config.target).min_opset)
     float_proto = ir.to_proto(float_model)
     notes: list[str] = []
-    if config.smooth_alpha is not None and calibration_data is not None:
+    if config.smooth and calibration_data is not None:
         changed, notes = smooth_from_data(float_model, float_proto, calibration_data, config)
         if changed:
             float_proto = ir.to_proto(float_model)

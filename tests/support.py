@@ -69,12 +69,19 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return float(20 * np.log10(np.linalg.norm(reference) / np.linalg.norm(reference - approx)))
 
 
-def run(model: onnx.ModelProto | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a model on ONNX Runtime's CPU provider with default optimisations."""
+def run(
+    model: onnx.ModelProto | Path, feed: dict[str, np.ndarray], *, fused: bool = True
+) -> list[np.ndarray]:
+    """Run a model on ONNX Runtime's CPU provider with default optimisations, or, with
+    ``fused=False``, none: Q/DQ then run as float arithmetic (fake quantization), the same on
+    every CPU, which is what an int8 kernel without saturation computes."""
     import onnxruntime as ort
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
-    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    if not fused:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
 
 

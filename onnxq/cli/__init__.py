@@ -32,9 +32,18 @@ def main() -> None:
 
 def _register() -> None:
     """One module per command; importing them here keeps ``onnxq --help`` complete."""
-    from onnxq.cli import calibrate, compare, demo, export, inspect_cmd, quantize, sensitivity
+    from onnxq.cli import (
+        calibrate,
+        check_cmd,
+        compare,
+        demo,
+        export,
+        inspect_cmd,
+        quantize,
+        sensitivity,
+    )
 
-    for module in (demo, quantize, calibrate, export, compare, inspect_cmd, sensitivity):
+    for module in (demo, quantize, calibrate, export, compare, inspect_cmd, check_cmd, sensitivity):
         main.add_command(module.command)
 
 

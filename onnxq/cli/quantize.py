@@ -27,6 +27,8 @@ from onnxq.config import (
 )
 from onnxq.errors import ConfigError
 from onnxq.model_io import check_output_path, save_model, write_json
+from onnxq.targets import get_target
+from onnxq.targets.ort_format import ort_path
 
 
 @click.command("quantize")
@@ -60,10 +62,10 @@ from onnxq.model_io import check_output_path, save_model, write_json
 @click.option(
     "--smooth-alpha",
     type=float,
-    default=0.7,
-    show_default=True,
+    default=None,
     help="SmoothQuant strength for weight-MatMul inputs (from --calib; dynamic mode without "
-    "it: from random token sequences, for token models).",
+    "it: from random token sequences, for token models). Default: 0.7 for 8-bit weights, "
+    "0.6 for 7-bit ones.",
 )
 @click.option("--no-smooth", is_flag=True, help="Turn SmoothQuant off.")
 @click.option(
@@ -147,7 +149,7 @@ def command(
     ranges: Path | None,
     mode: str,
     weight_rounding: str,
-    smooth_alpha: float,
+    smooth_alpha: float | None,
     no_smooth: bool,
     smooth_fold_only: bool,
     method: str,
@@ -182,6 +184,8 @@ def command(
         raise ConfigError("--ranges applies to static mode only")
     sources = [path for path in (model, calib, ranges) if path is not None]
     check_output_path(output, *sources)
+    if ".ort" in get_target(target).extra_files:
+        check_output_path(ort_path(output), *sources)
     if summary_json is not None:
         check_output_path(summary_json, output, *sources)
     config = QuantConfig(
@@ -198,7 +202,8 @@ def command(
         max_samples=max_samples,
         **plan,
         weight_rounding=weight_rounding,
-        smooth_alpha=None if no_smooth else smooth_alpha,
+        smooth=not no_smooth,
+        smooth_alpha=smooth_alpha,
         smooth_fold_only=smooth_fold_only,
     )
     targeted = min_cosine is not None or max_drop is not None
@@ -215,12 +220,12 @@ def command(
         result = quantize_to_target(
             model, calib, eval_data, config, min_cosine=min_cosine, max_drop=max_drop, labels=truth
         )
-        save_model(result.model, output)
+        _save(result.model, output, target)
         _report(result.report.to_dict(), output, summary_json)
         return
     if mode == QuantMode.DYNAMIC:
         result = quantize_dynamic_with_report(model, config, calibration_data=calib)
-        save_model(result.model, output)
+        _save(result.model, output, target)
         _report(result.report.to_dict(), output, summary_json)
         return
     with tqdm(
@@ -238,8 +243,17 @@ def command(
             workers=workers,
             on_batch=lambda n: bar.update(n - bar.n),
         )
-    save_model(result.model, output)
+    _save(result.model, output, target)
     _report(result.report.to_dict(), output, summary_json)
+
+
+def _save(model: Any, output: Path, target: str) -> None:
+    """``OUT.onnx``, then the files the target writes beside it (``.ort`` for ort-mobile)."""
+    from onnxq.targets.ort_format import write_extra_files
+
+    save_model(model, output)
+    for path in write_extra_files(output, get_target(target).extra_files):
+        click.echo(f"wrote {path}")
 
 
 def _report(report: dict, output: Path, summary_json: Path | None) -> None:

@@ -6,8 +6,9 @@ Rewrite rules (``DynamicQuantizePass``):
        DynamicQuantizeLinear(A) -> MatMulInteger(A_u8, W_s8, a_zero_point) -> Cast(float)
        -> Mul(a_scale * w_scale)
 
-   with ``w_scale`` per output column (or per tensor). ORT fuses the chain into
-   ``DynamicQuantizeMatMul``.
+   with ``w_scale`` per output column (or per tensor), from the config's weight range
+   (min-max or MSE-clipped). ``W`` is rounded with GPTQ where a Hessian of ``A`` is given,
+   else to nearest. ORT fuses the chain into ``DynamicQuantizeMatMul``.
 2. ``Gemm(A, W, C)`` with constant ``W``, ``transA = 0`` and ``alpha = beta = 1`` is rule 1 on
    ``W`` (transposed first when ``transB = 1``) followed by ``Add(C)``.
 3. ``LSTM`` (forward/reverse/bidirectional, ``layout = 0``, no ``input_forget``) with constant
@@ -19,15 +20,17 @@ Rewrite rules (``DynamicQuantizePass``):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.calibration.weight_ranges import weight_qparams_for
 from onnxq.config import QuantConfig, QuantType
 from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
-from onnxq.qparams import QParams, quantize, weight_qparams
+from onnxq.passes.weight_rounding import round_weight
+from onnxq.qparams import QParams, quantize
 
 MS_DOMAIN = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
@@ -36,9 +39,11 @@ FLOAT = ir.DataType.FLOAT
 @dataclass
 class DynamicQuantizePass(ir.passes.InPlacePass):
     """Apply the module's rules (weights as a resolved ``config`` says: per-channel, 7-bit);
+    ``hessians`` maps MatMul node names to ``E[x x^T]`` of their input (GPTQ rounding);
     ``decisions`` records every candidate node."""
 
     config: QuantConfig
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__init__()
@@ -85,17 +90,26 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             return "left operand is not a float32 activation"
         array = weight.const_value.numpy().astype(np.float32)
         output = node.outputs[0]
-        result = self._emit_matmul(graph, node, activation, array, weight.name)
+        hessian = self.hessians.get(node.name)
+        result = self._emit_matmul(graph, node, activation, array, weight.name, hessian)
         _take_over(graph, node, output, result)
-        return "int8 DynamicQuantizeMatMul"
+        return "int8 DynamicQuantizeMatMul" + (" (GPTQ rounding)" if hessian is not None else "")
 
     def _emit_matmul(
-        self, graph: ir.Graph, anchor: ir.Node, activation: ir.Value, array: np.ndarray, name: str
+        self,
+        graph: ir.Graph,
+        anchor: ir.Node,
+        activation: ir.Value,
+        array: np.ndarray,
+        name: str,
+        hessian: np.ndarray | None = None,
     ) -> ir.Value:
-        """Insert rule 1's chain before ``anchor``; returns its float output."""
+        """Insert rule 1's chain before ``anchor`` (a MatMul when ``hessian`` is given);
+        returns its float output."""
         axis = 1 if self.config.per_channel else None
         qp = self._weight_qparams(array, axis)
-        w_q = _constant(graph, f"{name}_quantized", quantize(array, qp))
+        levels = round_weight(anchor, array, qp, hessian)
+        w_q = _constant(graph, f"{name}_quantized", levels)
         w_zp = _constant(graph, f"{name}_zero_point", qp.zero_point)
         w_scale = _constant(graph, f"{name}_scale", qp.scale)
         a_q, a_scale, a_zp = (
@@ -184,7 +198,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         return "int8 DynamicQuantizeLSTM"
 
     def _weight_qparams(self, array: np.ndarray, axis: int | None) -> QParams:
-        return weight_qparams(
+        return weight_qparams_for(self.config.weight_range)(
             array,
             QuantType.INT8,
             axis=axis,
@@ -193,9 +207,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         )
 
 
-def quantize_dynamic_graph(model: ir.Model, config: QuantConfig) -> list[NodeDecision]:
+def quantize_dynamic_graph(
+    model: ir.Model, config: QuantConfig, hessians: dict[str, np.ndarray] | None = None
+) -> list[NodeDecision]:
     """Function twin of ``DynamicQuantizePass``: rewrites in place, returns the decisions."""
-    rewrite = DynamicQuantizePass(config)
+    rewrite = DynamicQuantizePass(config, hessians or {})
     rewrite(model)
     return rewrite.decisions
 

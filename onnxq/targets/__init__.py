@@ -13,6 +13,11 @@ from onnxq.errors import ConfigError
 from onnxq.targets.catalog import DEFAULT_TARGET, TARGETS
 from onnxq.targets.spec import BiasForm, Target
 
+SMOOTH_ALPHA = {7: 0.6, 8: 0.7}
+"""SmoothQuant strength by weight bits: 7-bit weights take less of the activations' range.
+all-MiniLM-L6-v2 dynamic, no data, 200 held-out sentences, mean cosine at alpha 0.6 / 0.65 / 0.7:
+7-bit 0.9953 / 0.9948 / 0.9942; 8-bit 0.9958 at 0.7."""
+
 if TYPE_CHECKING:
     from onnxq.config import QuantConfig, QuantMode
 
@@ -63,6 +68,9 @@ def resolve_scheme(config: QuantConfig) -> QuantConfig:
                 f"target {target.name} needs {name}={shown} ({target.summary}); "
                 f"got {getattr(current, 'value', current)}"
             )
+    if config.smooth_alpha is None:
+        reduced = changes.get("reduce_range", config.reduce_range)
+        changes["smooth_alpha"] = SMOOTH_ALPHA[7 if reduced else 8]
     return config.replace(**changes) if changes else config
 
 

@@ -20,7 +20,8 @@ target when its ``applies`` predicate holds (rules as data, in ``RULES``):
 9. ``residual-add``: an Add with one input from a DQ reads the other from a DQ too.
 10. ``opset``: the default-domain opset is at least the target's ``min_opset``; 16-bit Q/DQ in
     the default domain need opset 21.
-11. ``static-shape``: graph inputs have fixed dimensions and no node is If/Loop/Scan.
+11. ``control-flow``: no node is If/Loop/Scan (QNN compiles a static graph; its fixed input
+    shapes are set at deployment, e.g. with ``onnxruntime.tools.make_dynamic_shape_fixed``).
 """
 
 from __future__ import annotations
@@ -295,14 +296,7 @@ def _opset(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
                 yield node, f"{qtype.value} Q/DQ in the default domain need opset 21"
 
 
-def _static_shape(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
-    for value in g.graph.input:
-        if value.name in g.constants:
-            continue
-        dims = value.type.tensor_type.shape.dim
-        if any(not d.HasField("dim_value") for d in dims):
-            placeholder = onnx.helper.make_node("Identity", [], [], name=value.name)
-            yield placeholder, f"graph input {value.name!r} has a symbolic dimension"
+def _control_flow(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         if node.op_type in CONTROL_FLOW:
             yield node, f"{target.runtime} runs no control flow ({node.op_type})"
@@ -319,7 +313,7 @@ RULES: dict[str, tuple[Rule, Callable[[Target], bool]]] = {
     "bias": (_bias, lambda t: True),
     "residual-add": (_residual_add, lambda t: t.residual_add_inputs),
     "opset": (_opset, lambda t: True),
-    "static-shape": (_static_shape, lambda t: t.static_shapes),
+    "control-flow": (_control_flow, lambda t: t.static_shapes),
 }
 """Rule name -> (check, applies to a target)."""
 

@@ -70,3 +70,12 @@ def _silenced() -> Iterator[None]:
         yield
     finally:
         logging.disable(previous)
+
+
+EXTRA_WRITERS = {".ort": write_ort}
+"""Suffix in ``Target.extra_files`` -> the writer that makes that file from ``OUT.onnx``."""
+
+
+def write_extra_files(onnx_path: PathLike, suffixes: tuple[str, ...]) -> list[Path]:
+    """The files a target writes beside ``OUT.onnx`` (``Target.extra_files``), in order."""
+    return [EXTRA_WRITERS[suffix](onnx_path) for suffix in suffixes]

@@ -30,6 +30,7 @@ SCHEME_FIELDS = (
     "weight_type",
     "per_channel",
     "reduce_range",
+    "smooth_alpha",
 )
 """The ``QuantConfig`` fields a target chooses when the user leaves them unset (``None``)."""
 
@@ -58,8 +59,8 @@ class Target:
         forbidden_ops: op types the runtime rejects in a QDQ model (e.g. ``QLinear*``).
         residual_add_inputs: an Add with one quantized input needs the other quantized too
             (TensorRT fuses the residual Add into the Conv only then).
-        static_shapes: the runtime compiles for fixed input shapes and has no control flow
-            (If/Loop/Scan): QNN.
+        static_shapes: the runtime compiles a static graph: fixed input shapes (set at
+            deployment) and no control flow (If/Loop/Scan): QNN.
         modes: quantization modes that make sense for this runtime.
         requires_vnni: the deployment CPU must have VNNI/AMX (x86), or u8s8 sums saturate.
         extra_files: suffixes of files written beside ``OUT.onnx`` (``.ort``).

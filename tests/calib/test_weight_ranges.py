@@ -31,12 +31,16 @@ def test_mse_is_never_worse_than_minmax_per_channel(rng, qtype, symmetric):
     assert mse.scale[1] < 0.9 * minmax.scale[1]  # the outlier is clipped
 
 
-def test_reduce_range_keeps_minmax(rng):
+def test_reduce_range_clips_within_seven_bits(rng):
     weight = rng.standard_normal((3, 200_000)).astype(np.float32)
     weight[1, 7] = 10.0
     kwargs = {"axis": 0, "symmetric": True, "reduce_range": True}
     mse = mse_weight_qparams(weight, QuantType.INT8, **kwargs)
-    assert np.array_equal(mse.scale, weight_qparams(weight, QuantType.INT8, **kwargs).scale)
+    minmax = weight_qparams(weight, QuantType.INT8, **kwargs)
+    assert mse.scale[1] < 0.9 * minmax.scale[1]  # the outlier is clipped ...
+    levels = quantize_levels(weight, mse)
+    assert levels.min() >= -63 and levels.max() <= 63  # ... at the 7-bit bounds, not beyond
+    assert levels[1, 7] == 63
 
 
 def test_mse_keeps_minmax_where_nothing_is_gained():

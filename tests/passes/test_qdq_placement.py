@@ -27,7 +27,7 @@ def _producer(model: onnx.ModelProto, tensor: str) -> onnx.NodeProto:
 
 
 def test_cnn_every_conv_fuses_to_int8_and_output_is_close(cnn, cnn_calib, rng, tmp_path):
-    result = quantize_with_report(cnn, cnn_calib, QuantConfig(reduce_range=False))
+    result = quantize_with_report(cnn, cnn_calib, QuantConfig())
     q = result.model
     onnx.checker.check_model(q, full_check=True)
     counts = optimized_op_counts(q, tmp_path)
@@ -41,7 +41,7 @@ def test_cnn_every_conv_fuses_to_int8_and_output_is_close(cnn, cnn_calib, rng, t
 
 
 def test_weights_are_int8_per_channel_and_biases_int32(cnn, cnn_calib):
-    q = quantize_with_report(cnn, cnn_calib, QuantConfig(reduce_range=False)).model
+    q = quantize_with_report(cnn, cnn_calib, QuantConfig()).model
     floats = [
         t.name
         for t in q.graph.initializer

@@ -16,38 +16,12 @@ from support import optimized_op_counts, run
 
 torch = pytest.importorskip("torch")
 
+from torch_models import SEQ, VOCAB, TinyEncoder  # noqa: E402
+
 from onnxq.config import QuantConfig  # noqa: E402
 from onnxq.dynamic import quantize_dynamic_with_report  # noqa: E402
 from onnxq.export import export_torch  # noqa: E402
 from onnxq.pipeline import quantize_with_report  # noqa: E402
-
-SEQ, WIDTH, VOCAB = 12, 64, 500
-
-
-class TinyEncoder(torch.nn.Module):
-    """Embedding + 2 encoder layers (post-LN with ReLU like BERT, or pre-LN with GELU like
-    GPT-2) + mean pooling, with outlier channels like trained transformers."""
-
-    def __init__(self, *, pre_ln: bool = False) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = torch.nn.Embedding(VOCAB, WIDTH)
-        layer = torch.nn.TransformerEncoderLayer(
-            WIDTH,
-            4,
-            128,
-            dropout=0.0,
-            batch_first=True,
-            norm_first=pre_ln,
-            activation="gelu" if pre_ln else "relu",
-        )
-        self.encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
-        with torch.no_grad():  # a few large channels, as trained transformers have
-            for norm in (m for m in self.modules() if isinstance(m, torch.nn.LayerNorm)):
-                norm.weight[:3] *= 12.0
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.embed(ids)).mean(dim=1)
 
 
 def _ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -159,7 +133,7 @@ def test_dynamic_keeps_smoothing_only_when_it_raises_output_sqnr(encoder, monkey
     monkeypatch.setattr(onnxq.dynamic, "_output_sqnr", smoothing_looks_worse)
     dropped = quantize_dynamic_with_report(encoder)
     assert any(note.startswith("SmoothQuant dropped") for note in dropped.report.notes)
-    plain = quantize_dynamic_with_report(encoder, QuantConfig(smooth_alpha=None))
+    plain = quantize_dynamic_with_report(encoder, QuantConfig(smooth=False))
     assert dropped.model.SerializeToString() == plain.model.SerializeToString()
 
 
