@@ -48,9 +48,14 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("onnxq-static-entropy", "onnxq static (entropy)", "onnx"),
     Variant("onnxq-static-mse", "onnxq static (mse)", "onnx"),
     Variant("onnxq-static-nearest", "onnxq static (nearest rounding)", "onnx"),
+    Variant("onnxq-static-vnni", "onnxq static --target ort-x86-vnni (VNNI CPUs only)", "onnx"),
+    Variant("onnxq-static-arm64", "onnxq static --target ort-arm64 (run here on x86)", "onnx"),
+    Variant("onnxq-static-tensorrt", "onnxq static --target tensorrt (run in ORT CPU)", "onnx"),
+    Variant("onnxq-static-qnn", "onnxq static --target qnn (run in ORT CPU)", "onnx"),
     Variant("onnxq-dynamic", "onnxq dynamic (no data)", "onnx"),
     Variant("onnxq-dynamic-smooth", "onnxq dynamic (SmoothQuant from calibration data)", "onnx"),
     Variant("onnxq-dynamic-plain", "onnxq dynamic (no data, no SmoothQuant)", "onnx"),
+    Variant("onnxq-dynamic-vnni", "onnxq dynamic --target ort-x86-vnni (no data)", "onnx"),
     Variant("ort-static-defaults", "ORT quantize_static (defaults)", "onnx"),
     Variant("ort-static-best", "ORT quantize_static (best CPU settings)", "onnx"),
     Variant("ort-dynamic", "ORT quantize_dynamic", "onnx"),
@@ -104,25 +109,24 @@ def onnxq_static(job: Job, calib: Feeds, **changes: Any) -> Quantized:
     return Quantized(
         [
             f"{len(report.quantized)}/{len(report.decisions)} nodes int8",
+            f"target {report.config['target']}",
             f"reduce_range={str(report.reduce_range).lower()}",
         ]
     )
 
 
-def onnxq_dynamic(
-    job: Job, calib: Feeds, *, smooth: bool = False, smooth_alpha: float | None = 0.7
-) -> Quantized:
-    """``onnxq.dynamic.quantize_dynamic_with_report``; with ``smooth`` the calibration data
-    feeds SmoothQuant (dynamic mode needs no data otherwise; token models are then smoothed
-    from random tokens unless ``smooth_alpha`` is ``None``)."""
+def onnxq_dynamic(job: Job, calib: Feeds, *, from_data: bool = False, **changes: Any) -> Quantized:
+    """``onnxq.dynamic.quantize_dynamic_with_report`` with the default ``QuantConfig`` (+
+    changes); with ``from_data`` the calibration data feeds SmoothQuant (dynamic mode needs no
+    data otherwise; token models are then smoothed from random tokens unless ``smooth=False``)."""
     from onnxq.config import QuantConfig
     from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.model_io import save_model
 
     result = quantize_dynamic_with_report(
         job.fp32,
-        QuantConfig(smooth=smooth_alpha is not None, smooth_alpha=smooth_alpha),
-        calibration_data=calib if smooth else None,
+        QuantConfig().replace(**changes),
+        calibration_data=calib if from_data else None,
     )
     save_model(result.model, job.out)
     report = result.report
@@ -254,8 +258,13 @@ ONNX_QUANTIZERS: dict[str, Callable[..., Quantized]] = {
     "onnxq-static-mse": lambda job, calib: onnxq_static(job, calib, method="mse"),
     "onnxq-static-nearest": lambda job, calib: onnxq_static(job, calib, weight_rounding="nearest"),
     "onnxq-dynamic": onnxq_dynamic,
-    "onnxq-dynamic-smooth": lambda job, calib: onnxq_dynamic(job, calib, smooth=True),
-    "onnxq-dynamic-plain": lambda job, calib: onnxq_dynamic(job, calib, smooth_alpha=None),
+    "onnxq-static-vnni": lambda job, calib: onnxq_static(job, calib, target="ort-x86-vnni"),
+    "onnxq-static-arm64": lambda job, calib: onnxq_static(job, calib, target="ort-arm64"),
+    "onnxq-static-tensorrt": lambda job, calib: onnxq_static(job, calib, target="tensorrt"),
+    "onnxq-static-qnn": lambda job, calib: onnxq_static(job, calib, target="qnn"),
+    "onnxq-dynamic-smooth": lambda job, calib: onnxq_dynamic(job, calib, from_data=True),
+    "onnxq-dynamic-plain": lambda job, calib: onnxq_dynamic(job, calib, smooth=False),
+    "onnxq-dynamic-vnni": lambda job, calib: onnxq_dynamic(job, calib, target="ort-x86-vnni"),
     "ort-static-defaults": ort_static_defaults,
     "ort-static-best": ort_static_best,
     "ort-dynamic": ort_dynamic,
