@@ -74,8 +74,13 @@ def compute_qparams(
     symmetric: bool = False,
     reduce_range: bool = False,
     axis: int | None = None,
+    bounded: bool = False,
 ) -> QParams:
     """Scale and zero point covering ``[rmin, rmax]`` (elementwise for per-channel ranges).
+
+    ``bounded`` (weights) or ``reduce_range``: rounding never leaves the integers the range
+    uses (``QParams.bounds``: 7-bit, or ``[-qmax, qmax]`` when symmetric); otherwise values
+    beyond the range saturate at the type's bounds, as ONNX QuantizeLinear does.
 
     Asymmetric: ``scale = (rmax - rmin) / (qmax - qmin)``, ``zp = round(qmin - rmin / scale)``.
     Symmetric: ``scale = max(|rmin|, |rmax|) / qmax``, ``zp = 0``.
@@ -104,7 +109,8 @@ def compute_qparams(
     with np.errstate(over="ignore"):
         if not np.all(np.isfinite(reach.astype(np.float32))):
             raise too_wide
-    narrowed = (qmin, qmax) if (qmin, qmax) != qtype.bounds else None
+    narrow = (bounded or reduce_range) and (qmin, qmax) != qtype.bounds
+    narrowed = (qmin, qmax) if narrow else None
     return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis, narrowed)
 
 
@@ -157,7 +163,7 @@ def weight_qparams(
         rmin = weight.min(axis=reduce_axes, initial=0.0)
         rmax = weight.max(axis=reduce_axes, initial=0.0)
     return compute_qparams(
-        rmin, rmax, qtype, symmetric=symmetric, reduce_range=reduce_range, axis=axis
+        rmin, rmax, qtype, symmetric=symmetric, reduce_range=reduce_range, axis=axis, bounded=True
     )
 
 

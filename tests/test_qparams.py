@@ -9,6 +9,7 @@ against ONNX Runtime instead (it saturates them, as the spec says).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -397,8 +398,9 @@ def test_symmetric_uses_narrow_range(reduce_range, qmax):
     qp = compute_qparams(-3.0, 1.0, I8, symmetric=True, reduce_range=reduce_range)
     assert float(qp.scale) == np.float32(3.0 / qmax)
     q = quantize(np.array([-3.0, 3.0, -1e9], dtype=np.float32), qp)
-    # the range ends land on -qmax / qmax, never on -qmax - 1 (values beyond saturate to int8)
-    assert q.tolist() == [-qmax, qmax, -128]
+    # the range ends land on -qmax / qmax, never on -qmax - 1; values beyond saturate to int8,
+    # or, for 7-bit ranges, at their own bounds
+    assert q.tolist() == [-qmax, qmax, -qmax if reduce_range else -128]
 
 
 @pytest.mark.parametrize(("qtype", "bounds"), [(U8, (0, 127)), (I8, (-64, 63))])
@@ -485,10 +487,7 @@ def test_reference_agrees_per_tensor(rng_pair, sch, opset, seed):
     x = rng.uniform(-reach, reach, 64)
     halves = (rng.integers(-300, 300, 16) + 0.5) * float(qp.scale)
     x = np.concatenate([x, halves[np.abs(halves) <= F32_MAX]]).astype(np.float32)
-    q = quantize(x, qp)
-    _assert_same(q, _ref_quantize(x, qp, opset))
-    with np.errstate(over="ignore"):  # saturated q of a near-float32-max range: inf in both
-        _assert_same(dequantize(q, qp), _ref_dequantize(q, qp, opset))
+    _assert_bounded_reference(x, qp, opset)
 
 
 @settings(max_examples=40, deadline=None)
@@ -497,9 +496,17 @@ def test_reference_agrees_per_axis(weight, data, sch, opset):
     qtype, symmetric, reduce_range = sch
     axis = data.draw(st.integers(0, weight.ndim - 1))
     qp = weight_qparams(weight, qtype, axis=axis, symmetric=symmetric, reduce_range=reduce_range)
-    q = quantize(weight, qp)
-    _assert_same(q, _ref_quantize(weight, qp, opset))
-    _assert_same(dequantize(q, qp), _ref_dequantize(q, qp, opset))
+    _assert_bounded_reference(weight, qp, opset)
+
+
+def _assert_bounded_reference(x: np.ndarray, qp, opset: int) -> None:
+    """numpy's quantize is ONNX QuantizeLinear, then clipped to ``qp.bounds`` where set (7-bit
+    and narrow symmetric weights); dequantize is DequantizeLinear."""
+    reference = _ref_quantize(x, replace(qp, bounds=None), opset)
+    q = quantize(x, qp)
+    _assert_same(q, np.clip(reference, qp.qmin, qp.qmax).astype(reference.dtype))
+    with np.errstate(over="ignore"):  # saturated q of a near-float32-max range: inf in both
+        _assert_same(dequantize(q, qp), _ref_dequantize(q, qp, opset))
 
 
 # --------------------------------------------------------------------------- bias

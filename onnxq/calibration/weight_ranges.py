@@ -54,14 +54,24 @@ def mse_weight_qparams(
     best_error = np.full(rows.shape[0], np.inf)
     for alpha in alphas:
         qp = compute_qparams(
-            alpha * rmin, alpha * rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
+            alpha * rmin,
+            alpha * rmax,
+            qtype,
+            symmetric=symmetric,
+            reduce_range=reduce_range,
+            bounded=True,
         )
         error = _rounding_error(rows, qp)
         better = error < best_error
         best_alpha = np.where(better, alpha, best_alpha)
         best_error = np.where(better, error, best_error)
     qp = compute_qparams(
-        best_alpha * rmin, best_alpha * rmax, qtype, symmetric=symmetric, reduce_range=reduce_range
+        best_alpha * rmin,
+        best_alpha * rmax,
+        qtype,
+        symmetric=symmetric,
+        reduce_range=reduce_range,
+        bounded=True,
     )
     if axis is None:
         return replace(qp, scale=qp.scale.reshape(()), zero_point=qp.zero_point.reshape(()))
