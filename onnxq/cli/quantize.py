@@ -13,9 +13,9 @@ import click
 from onnxq.cli.options import (
     CALIB_HELP,
     batching,
+    engine_options,
     method_option,
     plan_filters,
-    workers_option,
 )
 from onnxq.config import (
     QuantConfig,
@@ -25,6 +25,7 @@ from onnxq.config import (
     WeightRounding,
 )
 from onnxq.errors import ConfigError
+from onnxq.executor import Executor
 from onnxq.model_io import check_output_path, save_model, write_json
 
 
@@ -106,7 +107,7 @@ from onnxq.model_io import check_output_path, save_model, write_json
     help="7-bit weights. Default: on where u8s8 kernels can saturate (x86 without VNNI).",
 )
 @batching
-@workers_option
+@engine_options
 @plan_filters
 @click.option(
     "--eval",
@@ -154,7 +155,7 @@ def command(
     reduce_range: bool | None,
     batch_size: int,
     max_samples: int | None,
-    workers: int,
+    executor: Executor,
     plan: dict[str, Any],
     eval_data: Path | None,
     min_cosine: float | None,
@@ -205,7 +206,14 @@ def command(
 
         truth = np.load(labels) if labels is not None else None
         result = quantize_to_target(
-            model, calib, eval_data, config, min_cosine=min_cosine, max_drop=max_drop, labels=truth
+            model,
+            calib,
+            eval_data,
+            config,
+            min_cosine=min_cosine,
+            max_drop=max_drop,
+            labels=truth,
+            executor=executor,
         )
         save_model(result.model, output)
         _report(result.report.to_dict(), output, summary_json)
@@ -227,7 +235,7 @@ def command(
             calib,
             config,
             ranges=ranges,
-            workers=workers,
+            executor=executor,
             on_batch=lambda n: bar.update(n - bar.n),
         )
     save_model(result.model, output)
