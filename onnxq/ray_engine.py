@@ -138,11 +138,12 @@ class RayExecutor(Executor):
                 pending[actors[index % workers].observe.remote(index, batch)] = index
             while pending:
                 settle()
-            shards = [
-                self._get(actor.observers.remote(), _shard(k, workers))
-                for k, actor in enumerate(actors)
-            ]
-        merge_shards(observers, shards)
+            results = [actor.observers.remote() for actor in actors]
+            # fetched in shard order as the merge goes: one shard's observers here at a time
+            merge_shards(
+                observers,
+                (self._get(result, _shard(k, workers)) for k, result in enumerate(results)),
+            )
 
     def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
         if not items:
