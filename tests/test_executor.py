@@ -68,3 +68,14 @@ def test_unreachable_address_is_one_line(cnn_path, cnn_calib, tmp_path, monkeypa
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # Ray's own variable names the cluster too
     result = CliRunner().invoke(main, [*args, "--engine", "ray"])
     assert result.exit_code == 2 and "cannot reach the Ray cluster at 127.0.0.1:9" in result.output
+
+
+def test_sensitivity_over_local_processes_ranks_like_one(cnn, cnn_calib, rng):
+    from onnxq.sensitivity import analyze_sensitivity
+
+    eval_data = {"x": rng.standard_normal((16, 3, 16, 16)).astype("float32")}
+    one = analyze_sensitivity(cnn, cnn_calib, eval_data)
+    two = analyze_sensitivity(cnn, cnn_calib, eval_data, workers=2)
+    assert [layer.name for layer in two.layers] == [layer.name for layer in one.layers]
+    for a, b in zip(one.layers, two.layers, strict=True):
+        assert b.gain == pytest.approx(a.gain, abs=1e-6), a.name

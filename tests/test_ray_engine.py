@@ -285,3 +285,25 @@ def test_cli_joins_a_ray_start_cluster(head_cluster, cnn_path, rng, tmp_path):
             assert (own["min"], own["max"]) == (other["min"], other["max"]), name
             if own["kind"] == "histogram":  # moving averages merge by their own rule
                 assert own == other, name
+
+
+def test_quantize_and_sensitivity_commands_on_ray(cnn_path, cnn_calib, tmp_path):
+    """``--engine ray`` on the commands (Ray already up in this process: used as it is)."""
+    from click.testing import CliRunner
+
+    from onnxq.cli import main
+
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **cnn_calib)
+    out = {engine: tmp_path / f"{engine}.onnx" for engine in ("local", "ray")}
+    for engine, path in out.items():
+        args = ["quantize", str(cnn_path), "-o", str(path), "--calib", str(calib)]
+        result = CliRunner().invoke(main, [*args, "--engine", engine, "--workers", "2"])
+        assert result.exit_code == 0, result.output
+    assert out["local"].read_bytes() == out["ray"].read_bytes()  # same shards, same threads
+    args = ["sensitivity", str(cnn_path), "--calib", str(calib), "--eval", str(calib)]
+    local, remote = (
+        CliRunner().invoke(main, [*args, *extra]) for extra in ([], ["--engine", "ray"])
+    )
+    assert remote.exit_code == 0, remote.output
+    assert remote.output == local.output
