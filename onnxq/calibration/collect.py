@@ -13,7 +13,7 @@ engine of ``onnxq.executor`` runs one per worker and merges their observers in s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -62,9 +62,6 @@ class Observer(Protocol):
     def update(self, values: np.ndarray) -> object: ...
 
     def merge(self, other: object) -> None: ...
-
-
-Plan = TypeVar("Plan", bound=Mapping[str, Sequence[Observer]])
 
 
 class ShardObserver:
