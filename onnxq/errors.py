@@ -57,3 +57,7 @@ class RangesError(OnnxqError):
 
 class ProviderError(OnnxqError):
     """A requested ONNX Runtime execution provider is not available."""
+
+
+class EngineError(OnnxqError):
+    """The execution engine failed: Ray missing or unreachable, or a worker lost mid-run."""

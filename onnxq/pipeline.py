@@ -24,6 +24,7 @@ from onnxq.calibration.observers import MinMaxObserver
 from onnxq.calibration.ranges import range_for
 from onnxq.config import CalibrationMethod, QuantConfig, QuantMode
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
+from onnxq.executor import Executor
 from onnxq.isa import cpu_features
 from onnxq.model_io import model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
@@ -86,6 +87,7 @@ def quantize(
     *,
     ranges: RangesFile | str | os.PathLike[str] | None = None,
     workers: int = 1,
+    executor: Executor | None = None,
 ) -> onnx.ModelProto:
     """Static int8 QDQ quantization of ``model`` calibrated on ``calibration_data``.
 
@@ -94,9 +96,11 @@ def quantize(
     ``get_next()``, or a torch DataLoader. ``ranges``: a ranges file from ``calibrate`` used
     instead (no calibration runs). ``workers``: calibration processes (batch ``i`` goes to
     worker ``i % workers``; the result does not depend on it, except for ``moving_average``).
+    ``executor``: the engine calibration runs on instead (``onnxq.executor.open_executor``,
+    e.g. Ray), same shard rule.
     """
     return quantize_with_report(
-        model, calibration_data, config, ranges=ranges, workers=workers
+        model, calibration_data, config, ranges=ranges, workers=workers, executor=executor
     ).model
 
 
@@ -108,6 +112,7 @@ def calibrate(
     methods: tuple[CalibrationMethod, ...] = ALL_METHODS,
     hessians: bool = True,
     workers: int = 1,
+    executor: Executor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Calibration:
     """Observe the tensors ``quantize`` would calibrate, for later use (``Calibration.save``).
@@ -127,6 +132,7 @@ def calibrate(
         methods=methods,
         hessians=hessians,
         workers=workers,
+        executor=executor,
         on_batch=on_batch,
     )
 
@@ -138,6 +144,7 @@ def quantize_with_report(
     *,
     ranges: RangesFile | str | os.PathLike[str] | None = None,
     workers: int = 1,
+    executor: Executor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> QuantResult:
     """``quantize`` plus a ``QuantizationReport``; ``on_batch(samples)`` follows calibration."""
@@ -152,7 +159,13 @@ def quantize_with_report(
         calibration = calibration_from_ranges(ranges, float_proto, plan, config)
     else:
         calibration = calibrate_plan(
-            float_proto, plan, calibration_data, config, workers=workers, on_batch=on_batch
+            float_proto,
+            plan,
+            calibration_data,
+            config,
+            workers=workers,
+            executor=executor,
+            on_batch=on_batch,
         )
     out, decisions = build_quantized(float_model, calibration, config)
     report = QuantizationReport(

@@ -9,12 +9,17 @@ and ``pipeline.build_quantized`` rebuilds the int8 model with some nodes exclude
 * ``quantize_to_target``: layers sorted by gain; the smallest prefix left float that meets
   ``min_cosine`` (mean cosine of the first output against fp32) or ``max_drop`` (top-1 points,
   against labels or else against fp32's predictions), found by bisection.
+
+The per-layer variants are independent tasks on an ``onnxq.executor`` engine: the study (float
+model, calibration, eval feeds, fp32 reference, the weights GPTQ already rounded) is shipped once
+per worker and each task rebuilds and scores one variant, so every engine ranks alike. The
+bisection's probes depend on each other and run here.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,7 @@ from onnxq.calibration.collect import augment_outputs, graph_session
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
+from onnxq.executor import Executor, local_executor
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
@@ -65,7 +71,8 @@ class SensitivityReport:
 
 
 class _Study:
-    """A model prepared and calibrated once, rebuilt and scored with any exclusions."""
+    """A model prepared and calibrated once, rebuilt and scored with any exclusions; called with
+    the nodes to leave float it returns the metric of that variant (picklable: a task's state)."""
 
     def __init__(
         self,
@@ -75,6 +82,7 @@ class _Study:
         config: QuantConfig,
         labels: np.ndarray | None,
         metric: str,
+        executor: Executor,
     ) -> None:
         proto = model_proto(model)
         refuse_quantized(proto)
@@ -83,7 +91,10 @@ class _Study:
         config = self.config
         float_model, self.float_proto, self.notes = prepare_float(proto, config, calibration_data)
         plan = plan_quantization(float_model, config)
-        self.calibration = calibrate_plan(self.float_proto, plan, calibration_data, config)
+        self.calibration = calibrate_plan(
+            self.float_proto, plan, calibration_data, config, executor=executor
+        )
+        self.threads = executor.threads  # where the study runs, ORT gets the worker's threads
         self.feeds = list(
             open_feeds(eval_data, input_specs(self.float_proto), batch_size=config.batch_size)
         )
@@ -91,9 +102,9 @@ class _Study:
         self.labels = labels
         self.rounded: dict = {}
         self.metric = metric
-        self.score: Callable[[np.ndarray], float] = (
-            self._cosine if metric == "cosine" else self._top1
-        )
+
+    def __call__(self, excluded: Sequence[str]) -> float:
+        return self.evaluate(self.build(excluded)[0])
 
     def build(self, excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[NodeDecision]]:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
@@ -105,15 +116,16 @@ class _Study:
         """Per requested tensor, all eval batches joined. The first graph output runs with ORT's
         optimisations (the int8 kernels a user gets); intermediate tensors run unfused."""
         if names:
-            session = graph_session(augment_outputs(model, names))
+            session = graph_session(augment_outputs(model, names), threads=self.threads)
         else:
             names = [model.graph.output[0].name]
-            session = make_session(model.SerializeToString())
+            session = make_session(model.SerializeToString(), intra_op_threads=self.threads)
         runs = [session.run(names, feed) for feed in self.feeds]
         return [np.concatenate([run[i] for run in runs]) for i in range(len(names))]
 
     def evaluate(self, model: onnx.ModelProto) -> float:
-        return self.score(self.outputs(model)[0])
+        output = self.outputs(model)[0]
+        return self._cosine(output) if self.metric == "cosine" else self._top1(output)
 
     def _cosine(self, output: np.ndarray) -> float:
         ref = self.reference[0].reshape(len(self.reference[0]), -1).astype(np.float64)
@@ -134,10 +146,16 @@ def analyze_sensitivity(
     *,
     metric: str = "cosine",
     labels: np.ndarray | None = None,
+    workers: int = 1,
+    executor: Executor | None = None,
 ) -> SensitivityReport:
-    """Rank the quantized layers of ``model`` by how much int8 costs each (module docstring)."""
-    study = _study(model, calibration_data, eval_data, config, labels, metric)
-    return _sensitivity(study)
+    """Rank the quantized layers of ``model`` by how much int8 costs each (module docstring).
+
+    ``executor``: where calibration and the variants run (default: ``local_executor(workers)``).
+    """
+    running = executor or local_executor(workers)
+    study = _study(model, calibration_data, eval_data, config, labels, metric, running)
+    return _sensitivity(study, running)
 
 
 def quantize_to_target(
@@ -149,18 +167,25 @@ def quantize_to_target(
     min_cosine: float | None = None,
     max_drop: float | None = None,
     labels: np.ndarray | None = None,
+    workers: int = 1,
+    executor: Executor | None = None,
 ) -> QuantResult:
-    """Static int8 leaving the fewest layers float that meets the target (module docstring)."""
+    """Static int8 leaving the fewest layers float that meets the target (module docstring).
+
+    ``executor``: where calibration and the per-layer variants run (default:
+    ``local_executor(workers)``).
+    """
     if (min_cosine is None) == (max_drop is None):
         raise ConfigError("give exactly one target: min_cosine or max_drop")
     metric = "cosine" if min_cosine is not None else "top1"
-    study = _study(model, calibration_data, eval_data, config, labels, metric)
-    report = _sensitivity(study)
+    running = executor or local_executor(workers)
+    study = _study(model, calibration_data, eval_data, config, labels, metric, running)
+    report = _sensitivity(study, running)
     fp32 = report.fp32
     goal = min_cosine if min_cosine is not None else fp32 - max_drop
     ranked = [layer.name for layer in report.layers]
     low, high = 0, len(ranked)  # the answer lies in [low, high]
-    if study.evaluate(study.build(ranked)[0]) < goal:
+    if study(ranked) < goal:
         raise ConfigError(
             f"the target {metric} >= {goal:.4f} is not met even with every layer float "
             f"(all-int8 gives {report.int8:.4f}); relax the target"
@@ -169,7 +194,7 @@ def quantize_to_target(
         high = 0
     while low < high:
         middle = (low + high) // 2
-        if study.evaluate(study.build(ranked[:middle])[0]) >= goal:
+        if study(ranked[:middle]) >= goal:
             high = middle
         else:
             low = middle + 1
@@ -195,25 +220,27 @@ def quantize_to_target(
     return QuantResult(model_proto, _report(study, model_proto, decisions, notes))
 
 
-def _study(model, calibration_data, eval_data, config, labels, metric) -> _Study:
+def _study(model, calibration_data, eval_data, config, labels, metric, executor) -> _Study:
     if metric not in ("cosine", "top1"):
         raise ConfigError(f"metric must be cosine or top1, got {metric!r}")
-    return _Study(model, calibration_data, eval_data, config or QuantConfig(), labels, metric)
+    return _Study(
+        model, calibration_data, eval_data, config or QuantConfig(), labels, metric, executor
+    )
 
 
-def _sensitivity(study: _Study) -> SensitivityReport:
+def _sensitivity(study: _Study, executor: Executor) -> SensitivityReport:
     int8, decisions = study.build()
     anchors = [d for d in decisions if d.quantized and d.op_type in ANCHORS]
     names = [_output_of(study.float_proto, d.name) for d in anchors]
     reference = study.outputs(study.float_proto, names)
     quantized = study.outputs(int8, names)
     all_int8 = study.evaluate(int8)
+    scores = executor.map(study, [(decision.name,) for decision in anchors])
     layers = []
-    for decision, ref, out in zip(anchors, reference, quantized, strict=True):
+    for decision, ref, out, score in zip(anchors, reference, quantized, scores, strict=True):
         noise = float(np.linalg.norm(ref - out))
         sqnr = float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(ref) / noise))
-        gain = study.evaluate(study.build([decision.name])[0]) - all_int8
-        layers.append(LayerSensitivity(decision.name, decision.op_type, sqnr, gain))
+        layers.append(LayerSensitivity(decision.name, decision.op_type, sqnr, score - all_int8))
     layers.sort(key=lambda layer: (-layer.gain, layer.output_sqnr_db))
     fp32 = study.evaluate(study.float_proto)
     return SensitivityReport(study.metric, fp32, all_int8, layers)

@@ -1,15 +1,18 @@
 """One calibration run over a prepared float model, or the same statistics read from a file.
 
 ``calibrate_plan`` observes the plan's root tensors (and, for GPTQ, the inputs of the weighted
-nodes) over the calibration data, in this process or over worker processes, and returns a
-``Calibration``. ``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after
-checking it belongs to this model and holds what the configured method needs.
+nodes) over the calibration data on an ``onnxq.executor`` engine (this process, worker processes
+or Ray) and returns a ``Calibration``. Folder and glob sources go to the workers as file paths
+(each reads its own batches) unless ``max_samples`` cuts the stream, which only a reader of every
+batch in order can do; other sources are read here and their batches sent.
+``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after checking it
+belongs to this model and holds what the configured method needs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +21,14 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.cache import RangesFile, load_ranges, model_fingerprint, save_ranges
-from onnxq.calibration.collect import Feed, Observer
+from onnxq.calibration.collect import Observer
 from onnxq.calibration.hessian import HessianObserver
 from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
-from onnxq.calibration.parallel import collect_observers
 from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
-from onnxq.calibration.readers import open_feeds
+from onnxq.calibration.readers import batch_files, open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, WeightRounding
 from onnxq.errors import RangesError
+from onnxq.executor import Executor, local_executor
 from onnxq.model_io import input_specs
 from onnxq.passes.plan import QuantPlan
 from onnxq.passes.weight_rounding import hessian_layout
@@ -93,12 +96,14 @@ def calibrate_plan(
     methods: Sequence[CalibrationMethod] | None = None,
     hessians: bool | None = None,
     workers: int = 1,
+    executor: Executor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> Calibration:
     """Observe ``plan.roots`` over the data.
 
     ``methods``: the range methods the statistics must serve (default: the config's).
     ``hessians``: also collect GPTQ Hessians (default: when the config rounds with GPTQ).
+    ``executor``: where the shards run (default: ``local_executor(workers)``).
     ``on_batch(samples)`` follows progress: samples of the batches observed so far.
     """
     methods = (config.method,) if methods is None else tuple(methods)
@@ -109,30 +114,28 @@ def calibrate_plan(
     by_tensor: dict[str, list[Observer]] = {name: list(group) for name, group in observers.items()}
     for tensor, observer in hessian_observers.values():
         by_tensor.setdefault(tensor, []).append(observer)
-    feeds = open_feeds(
-        calibration_data,
-        input_specs(float_proto),
-        batch_size=config.batch_size,
-        max_samples=config.max_samples,
+    inputs = input_specs(float_proto)
+    files = batch_files(calibration_data, inputs) if config.max_samples is None else None
+    batches = (
+        files[0]
+        if files is not None
+        else open_feeds(
+            calibration_data,
+            inputs,
+            batch_size=config.batch_size,
+            max_samples=config.max_samples,
+        )
     )
-    sizes: dict[int, int] = {}  # samples of each batch sent but not yet observed
-    done = sent = 0
+    done = [0, 0]  # batches, samples
 
-    def batches() -> Iterator[Feed]:
-        nonlocal sent
-        before = 0
-        for feed in feeds:
-            sizes[sent], before = feeds.samples_seen - before, feeds.samples_seen
-            sent += 1
-            yield feed
-
-    def progress(index: int) -> None:
-        nonlocal done
-        done += sizes.pop(index)
+    def progress(_: int, samples: int) -> None:
+        done[0] += 1
+        done[1] += samples
         if on_batch is not None:
-            on_batch(done)
+            on_batch(done[1])
 
-    collect_observers(float_proto, by_tensor, batches(), workers=workers, on_batch=progress)
+    running = executor or local_executor(workers)  # a local executor holds nothing to close
+    running.collect(float_proto.SerializeToString(), by_tensor, batches, inputs, on_batch=progress)
     return Calibration(
         fingerprint=model_fingerprint(float_proto),
         observers=observers,
@@ -141,8 +144,8 @@ def calibrate_plan(
             if hessians
             else None
         ),
-        samples=feeds.samples_seen,
-        batches=sent,
+        samples=done[1],
+        batches=done[0],
     )
 
 

@@ -4,26 +4,26 @@ The copy lists every observed tensor as a graph output; ONNX Runtime runs it wit
 optimisations off (so every tensor keeps its name and float value). One batch is in memory at a
 time: its activations are folded into the observers and dropped before the next batch runs.
 
-``collect_shard`` is the unit of distributed work: a plain function of picklable arguments
-(serialised model, fresh observers per tensor, an iterable of feeds) returning the filled
-observers. ``onnxq.calibration.parallel`` runs one per worker process and merges the results;
-a cluster engine could run the same function remotely (e.g. ``ray.remote(collect_shard)``).
+``ShardObserver`` is the unit of distributed work: built from picklable arguments (serialised
+model, fresh observers per tensor, the model's inputs), it owns one session and observes the
+batches of its shard as they arrive (a checked feed, or a ``BatchFile`` it reads itself). Every
+engine of ``onnxq.executor`` runs one per worker and merges their observers in shard order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from onnxq.calibration.observers import HistogramObserver, MinMaxObserver
+from onnxq.calibration.readers import BatchFile, Feed, load_batch, sample_count
 from onnxq.errors import CalibrationDataError, first_line
+from onnxq.model_io import InputSpec
 from onnxq.runtime import OptimizationLevel, make_session
-
-Feed = dict[str, np.ndarray]
 
 
 def augment_outputs(model: onnx.ModelProto, tensor_names: Sequence[str]) -> onnx.ModelProto:
@@ -64,7 +64,46 @@ class Observer(Protocol):
     def merge(self, other: object) -> None: ...
 
 
-Plan = TypeVar("Plan", bound=Mapping[str, Sequence[Observer]])
+class ShardObserver:
+    """One shard's observers and the session that feeds them, built once.
+
+    ``threads``: ONNX Runtime intra-op threads (``None``: ORT's default). ``inputs``: the
+    model's inputs, needed to read and check ``BatchFile`` batches and to count samples.
+    """
+
+    def __init__(
+        self,
+        model: onnx.ModelProto | bytes,
+        observers: Mapping[str, Sequence[Observer]],
+        *,
+        inputs: Sequence[InputSpec] = (),
+        threads: int | None = None,
+    ) -> None:
+        self.observers = observers
+        self.inputs = tuple(inputs)
+        self.names = list(observers)
+        if isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        self.session = (
+            graph_session(augment_outputs(model, self.names), threads=threads)
+            if self.names
+            else None
+        )
+
+    def observe(self, index: int, batch: Feed | BatchFile) -> int:
+        """Fold batch ``index`` of the whole stream into the observers; return its samples."""
+        feed = load_batch(batch, self.inputs, index)
+        if self.session is not None:
+            try:
+                values = self.session.run(self.names, feed)
+            except Exception as exc:  # ORT raises several unrelated exception types
+                raise CalibrationDataError(
+                    f"batch {index}: ONNX Runtime failed: {first_line(exc)}"
+                ) from None
+            for name, value in zip(self.names, values, strict=True):
+                for observer in self.observers[name]:
+                    observer.update(value)
+        return sample_count(feed, self.inputs) if self.inputs else 0
 
 
 def observe(
@@ -73,57 +112,13 @@ def observe(
     feeds: Iterable[Feed],
     *,
     on_batch: Callable[[Feed], None] | None = None,
-    threads: int | None = None,
-    shard: tuple[int, int] = (0, 1),
 ) -> None:
-    """Run every feed and hand each named tensor's value to its observers.
-
-    ``shard = (k, n)``: these feeds are batches ``k, k + n, k + 2n, ...`` of the whole stream
-    (only used to number batches in error messages).
-    """
-    names = list(observers)
-    if isinstance(model, bytes):
-        model = onnx.load_from_string(model)
-    session = graph_session(augment_outputs(model, names), threads=threads) if names else None
-    first, step = shard
-    for local, feed in enumerate(feeds):
-        index = first + local * step
-        if session is None:  # nothing to observe: the feeds are still read and validated
-            if on_batch is not None:
-                on_batch(feed)
-            continue
-        try:
-            values = session.run(names, feed)
-        except Exception as exc:  # ORT raises several unrelated exception types
-            raise CalibrationDataError(
-                f"batch {index}: ONNX Runtime failed: {first_line(exc)}"
-            ) from None
-        for name, value in zip(names, values, strict=True):
-            for observer in observers[name]:
-                observer.update(value)
+    """Run every feed in this process and hand each named tensor's value to its observers."""
+    shard = ShardObserver(model, observers)
+    for index, feed in enumerate(feeds):
+        shard.observe(index, feed)
         if on_batch is not None:
             on_batch(feed)
-
-
-def collect_shard(
-    model_bytes: bytes,
-    tensor_plan: Plan,
-    shard_feeds: Iterable[Feed],
-    *,
-    shard: tuple[int, int] = (0, 1),
-    threads: int | None = None,
-    on_batch: Callable[[Feed], None] | None = None,
-) -> Plan:
-    """Observe one shard of the calibration batches and return ``tensor_plan``, filled.
-
-    ``tensor_plan`` maps tensor names to fresh observers; run remotely it arrives as a pickled
-    copy and the filled copy is what comes back. Merging every shard's result into one plan
-    (observer by observer, ``a.merge(b)``) gives what one pass over all batches would: exactly
-    for min-max and histogram counts. Runs anywhere the arguments can be pickled to: a
-    ``multiprocessing`` worker (``onnxq.calibration.parallel``) or a cluster task.
-    """
-    observe(model_bytes, tensor_plan, shard_feeds, on_batch=on_batch, threads=threads, shard=shard)
-    return tensor_plan
 
 
 def collect(

@@ -1,19 +1,19 @@
-"""Calibration over several processes: batch ``i`` goes to worker ``i % N``, the parent merges.
+"""The ``local`` engine over several processes: batch ``i`` goes to worker ``i % N``.
 
 The parent reads the calibration source (any kind, one-shot generators and ``get_next()``
-readers included: every source is read once, in order, by the parent) and sends each validated
-batch to its worker over a bounded queue, so at most ``QUEUE_DEPTH`` batches per worker wait in
-memory. Each worker is a fresh ``spawn`` process that runs ``collect_shard`` (its own ONNX
-Runtime session, ``intra_op_num_threads = cores // N``) on its shard and sends its observers
-back one tensor at a time; the parent merges them in worker order. The assignment does not
-depend on timing, so the merged statistics equal a single-process run: exactly for min-max and
-histogram counts (a moving average merges by definition, see ``observers``; Hessians agree to
-float32 rounding, as each batch's ``x x^T`` is a float32 product whose BLAS threads differ).
+readers included: every source is read once, in order, by the parent) and sends each batch to
+its worker over a bounded queue, so at most ``QUEUE_DEPTH`` batches per worker wait in memory; a
+folder or glob source sends only ``BatchFile`` paths, which the worker reads itself. Each worker
+is a fresh ``spawn`` process with one ``ShardObserver`` (its own ONNX Runtime session,
+``intra_op_num_threads = cores // N``) and sends its observers back one tensor at a time; the
+parent merges them in worker order (``onnxq.executor`` rule 1), so the merged statistics equal a
+single-process run: exactly for min-max and histogram counts (a moving average merges by
+definition, see ``observers``; Hessians agree to float32 rounding, as each batch's ``x x^T`` is
+a float32 product whose BLAS threads differ).
 
 Sending batches costs a pickle and a pipe copy per batch (a few ms per MB), cheap next to
-running a model on it; re-opening the source in every worker would need a picklable, seekable
-source and a second validation, for no gain here. A cluster engine can reuse ``collect_shard``
-with the same shard rule.
+running a model on it. Variant tasks (``map``) run on a ``spawn`` process pool that receives the
+function once per worker.
 
 Errors in a worker (a batch ONNX Runtime rejects) come back as the same ``OnnxqError``; a worker
 that dies (killed, out of memory) is a ``CalibrationDataError``. On any exception in the parent,
@@ -24,7 +24,6 @@ Workers ignore SIGINT: Ctrl-C is the parent's to handle.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
 import multiprocessing.queues
 import os
@@ -35,10 +34,10 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-import onnx
-
-from onnxq.calibration.collect import Feed, Observer, collect_shard, observe
-from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.calibration.collect import Observer, ShardObserver
+from onnxq.errors import CalibrationDataError
+from onnxq.executor import Batch, Executor, OnBatch, R, T, check_fresh, merge_shards
+from onnxq.model_io import InputSpec
 
 QUEUE_DEPTH = 2  # batches waiting per worker
 _POLL_S = 0.05
@@ -58,56 +57,51 @@ def worker_threads(workers: int) -> int:
     return max(1, available_cores() // workers)
 
 
-def collect_observers(
-    model: onnx.ModelProto | bytes,
-    observers: Mapping[str, Sequence[Observer]],
-    feeds: Iterable[Feed],
-    *,
-    workers: int = 1,
-    on_batch: Callable[[int], None] | None = None,
-) -> None:
-    """Fill ``observers`` (fresh) from ``feeds``: in this process, or over ``workers`` processes.
+class LocalProcesses(Executor):
+    """``workers`` spawned processes on this machine (module docstring)."""
 
-    ``on_batch(index)`` is called in this process once batch ``index`` has been observed.
-    """
-    if workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers}")
-    if workers == 1:
-        counter = itertools.count()
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.threads = worker_threads(workers)
 
-        def done(_: Feed) -> None:
-            index = next(counter)
-            if on_batch is not None:
-                on_batch(index)
+    def collect(
+        self,
+        model: bytes,
+        observers: Mapping[str, Sequence[Observer]],
+        batches: Iterable[Batch],
+        inputs: Sequence[InputSpec],
+        *,
+        on_batch: OnBatch | None = None,
+    ) -> None:
+        check_fresh(observers)
+        plan = {name: list(group) for name, group in observers.items()}
+        with _Workers(model, plan, inputs, self.workers, self.threads, on_batch) as pool:
+            for index, batch in enumerate(batches):
+                pool.send(index % self.workers, (index, batch))
+            pool.finish()
+            merge_shards(observers, (pool.result(worker, plan) for worker in range(self.workers)))
+            pool.join()
 
-        observe(model, observers, feeds, on_batch=done)
-        return
-    observe_parallel(model, observers, feeds, workers=workers, on_batch=on_batch)
+    def map(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
+        context = multiprocessing.get_context("spawn")
+        with _child_threads(self.threads), _children_ignore_sigint():
+            pool = context.Pool(self.workers, initializer=_keep, initargs=(function,))
+        with pool:  # leaving the block, normally or not, terminates the pool
+            return pool.map(_call, items, chunksize=1)
 
 
-def observe_parallel(
-    model: onnx.ModelProto | bytes,
-    observers: Mapping[str, Sequence[Observer]],
-    feeds: Iterable[Feed],
-    *,
-    workers: int,
-    on_batch: Callable[[int], None] | None = None,
-) -> None:
-    """``collect_observers`` over ``workers`` spawned processes (see the module docstring)."""
-    if any(getattr(obs, "count", 0) for group in observers.values() for obs in group):
-        raise ValueError("observe_parallel fills fresh observers; these have seen data")
-    model_bytes = model if isinstance(model, bytes) else model.SerializeToString()
-    plan = {name: list(group) for name, group in observers.items()}
-    with _Workers(model_bytes, plan, workers, on_batch) as pool:
-        for index, feed in enumerate(feeds):
-            pool.send(index % workers, feed)
-        pool.finish()
-        for worker in range(workers):
-            for name, group in observers.items():
-                theirs = pool.result(worker, name)
-                for own, other in zip(group, theirs, strict=True):
-                    own.merge(other)
-        pool.join()
+_function: Callable[[Any], Any] | None = None  # a map worker's function, received once
+
+
+def _keep(function: Callable[[Any], Any]) -> None:
+    global _function
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _function = function
+
+
+def _call(item: Any) -> Any:
+    assert _function is not None
+    return _function(item)
 
 
 class _Workers:
@@ -117,20 +111,29 @@ class _Workers:
         self,
         model_bytes: bytes,
         plan: dict[str, list[Observer]],
+        inputs: Sequence[InputSpec],
         workers: int,
-        on_batch: Callable[[int], None] | None,
+        threads: int,
+        on_batch: OnBatch | None,
     ) -> None:
         context = multiprocessing.get_context("spawn")
+        inputs = tuple(inputs)
         self.on_batch = on_batch
         self.events = _Queue(context)
         self.feeds = [_Queue(context, QUEUE_DEPTH) for _ in range(workers)]
         self.results = [_Queue(context) for _ in range(workers)]
-        threads = worker_threads(workers)
         self.processes = [
             context.Process(
                 target=_work,
-                args=(model_bytes, plan, self.feeds[k], self.results[k], self.events, (k, workers)),
-                kwargs={"threads": threads},
+                args=(
+                    model_bytes,
+                    plan,
+                    tuple(inputs),
+                    self.feeds[k],
+                    self.results[k],
+                    self.events,
+                ),
+                kwargs={"threads": threads, "worker": k},
                 name=f"onnxq-calibrate-{k}",
                 daemon=True,
             )
@@ -163,11 +166,12 @@ class _Workers:
             q.cancel_join_thread()
             q.close()
 
-    def send(self, worker: int, feed: Feed | None) -> None:
-        """Queue a batch (``None``: no more) for ``worker``, reporting progress while waiting."""
+    def send(self, worker: int, item: tuple[int, Batch] | None) -> None:
+        """Queue a numbered batch (``None``: no more) for ``worker``, reporting progress while
+        waiting."""
         while True:
             try:
-                self.feeds[worker].put(feed, timeout=_POLL_S)
+                self.feeds[worker].put(item, timeout=_POLL_S)
                 break
             except queue.Full:
                 self.poll()
@@ -180,17 +184,20 @@ class _Workers:
         while len(self.observed) < len(self.processes):
             self.poll()
 
-    def result(self, worker: int, name: str) -> list[Observer]:
-        """The next tensor's observers from ``worker`` (sent in plan order)."""
-        while True:
-            try:
-                got, observers = self.results[worker].get(timeout=_POLL_S)
-                break
-            except queue.Empty:
-                self._check_alive(worker, results_pending=True)
-        if got != name:
-            raise RuntimeError(f"worker {worker} sent {got!r}, expected {name!r}")
-        return observers
+    def result(self, worker: int, plan: Mapping[str, Any]) -> dict[str, list[Observer]]:
+        """``worker``'s filled observers, received tensor by tensor in plan order."""
+        filled = {}
+        for name in plan:
+            while True:
+                try:
+                    got, observers = self.results[worker].get(timeout=_POLL_S)
+                    break
+                except queue.Empty:
+                    self._check_alive(worker, results_pending=True)
+            if got != name:
+                raise RuntimeError(f"worker {worker} sent {got!r}, expected {name!r}")
+            filled[name] = observers
+        return filled
 
     def join(self) -> None:
         for process in self.processes:
@@ -207,7 +214,7 @@ class _Workers:
             timeout = 0.0
             kind, worker, payload = event
             if kind == "batch" and self.on_batch is not None:
-                self.on_batch(payload)
+                self.on_batch(*payload)
             elif kind == "observed":
                 self.observed.add(worker)
             elif kind == "error":
@@ -245,36 +252,26 @@ class _Queue(multiprocessing.queues.Queue):
 def _work(
     model_bytes: bytes,
     plan: dict[str, list[Observer]],
+    inputs: tuple[InputSpec, ...],
     feeds: _Queue,
     results: _Queue,
     events: _Queue,
-    shard: tuple[int, int],
     *,
     threads: int,
+    worker: int,
 ) -> None:
     """A worker: observe the shard's batches, report progress, send the observers back."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    worker, step = shard
-    seen = 0
-
-    def batches() -> Iterator[Feed]:
-        while (feed := feeds.get()) is not None:
-            yield feed
-
-    def done(_: Feed) -> None:
-        nonlocal seen
-        events.put(("batch", worker, worker + seen * step))
-        seen += 1
-
     try:
-        filled = collect_shard(
-            model_bytes, plan, batches(), shard=shard, threads=threads, on_batch=done
-        )
+        shard = ShardObserver(model_bytes, plan, inputs=inputs, threads=threads)
+        while (item := feeds.get()) is not None:
+            index, batch = item
+            events.put(("batch", worker, (index, shard.observe(index, batch))))
     except BaseException as exc:  # reported to the parent, which decides
         events.put(("error", worker, _picklable(exc)))
         return
     events.put(("observed", worker, None))
-    for name, observers in filled.items():
+    for name, observers in plan.items():
         results.put((name, observers))
 
 

@@ -18,6 +18,7 @@ Sources, recognised in this order:
    c. ONNX test data sets ``test_data_set_*/input_*.pb`` (or ``input_*.pb`` in the folder itself):
       each set is one feed; a TensorProto maps to an input by its name, or when unnamed by the
       index in its file name (``input_1.pb`` -> the model's second input).
+   A file glob (``"data/part-*.npz"``) is read like a folder of the files it matches.
 3. A mapping ``{input_name: array}``: like 1.
 4. An object with ``get_next()`` returning a feed dict, then ``None`` at the end (ONNX Runtime's
    ``CalibrationDataReader`` protocol).
@@ -29,14 +30,20 @@ Sources, recognised in this order:
 
 Every feed is checked: input names, rank, dtype (never cast), fixed dims, non-empty, finite
 floats. Every problem is a ``CalibrationDataError`` with a one-line message.
+
+Folder and glob sources are also lists of ``BatchFile``s (``batch_files``): one picklable path per
+batch, so calibration workers read and check their own batches from shared storage
+(``load_batch``) instead of receiving them from the driver.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -110,7 +117,7 @@ class FeedStream:
         count = 0
         for index, (raw, where) in enumerate(self._batches()):
             feed = validate_feed(raw, self.inputs, index=index, where=where)
-            n = _sample_count(feed, self.inputs)
+            n = sample_count(feed, self.inputs)
             if limit is not None and self.samples_seen + n > limit:
                 feed, n = _truncate(feed, self.inputs, n, limit - self.samples_seen)
             self.samples_seen += n
@@ -154,11 +161,12 @@ def open_feeds(
             max_samples=max_samples,
         )
 
+    files = batch_files(source, inputs)
+    if files is not None:
+        listed, description = files
+        return stream(lambda: ((f.read(inputs), f.path.name) for f in listed), description, True)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
-            batches, description = _folder_batches(path, inputs)
-            return stream(batches, description, True)
         if path.is_file() and path.suffix == ".npz":
             return stream(
                 lambda: _split_batches(_load_npz(path), inputs, batch_size, path.name),
@@ -303,7 +311,7 @@ def _batch_axis(spec: InputSpec) -> int | None:
     return 0 if spec.shape else None
 
 
-def _sample_count(feed: Feed, inputs: Sequence[InputSpec]) -> int:
+def sample_count(feed: Feed, inputs: Sequence[InputSpec]) -> int:
     """Samples in a feed: the first non-scalar input's size along its batch axis (else 1)."""
     for spec in inputs:
         axis = _batch_axis(spec)
@@ -383,8 +391,44 @@ def _split_batches(
         yield feed, f"{where}[{start}:{stop}]"
 
 
-def _folder_batches(folder: Path, inputs: Sequence[InputSpec]) -> tuple[_Batches, str]:
-    """Case 2: pick the folder's one kind of calibration file."""
+@dataclass(frozen=True)
+class BatchFile:
+    """One batch stored as a file (``.npz``, ``.npy``) or a test data set folder (``pb``)."""
+
+    kind: str
+    path: Path
+
+    def read(self, inputs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+        """The raw feed, not yet checked (``load_batch`` checks it)."""
+        if self.kind == "pb":
+            return _load_pb_set(self.path, inputs)
+        if self.kind == "npy":
+            return {inputs[0].name: _load_npy(self.path)}
+        return _load_npz(self.path)
+
+
+def batch_files(source: Any, inputs: Sequence[InputSpec]) -> tuple[list[BatchFile], str] | None:
+    """A folder or file-glob source as its batch files in read order, with a description;
+    ``None`` for every other kind of source."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return _folder_files(path, inputs)
+    if not path.exists() and glob.has_magic(os.fspath(source)):
+        return _glob_files(os.fspath(source), inputs)
+    return None
+
+
+def load_batch(batch: Feed | BatchFile, inputs: Sequence[InputSpec], index: int) -> Feed:
+    """A feed as it is (checked when read), or a batch file read and checked as batch ``index``."""
+    if isinstance(batch, BatchFile):
+        return validate_feed(batch.read(inputs), inputs, index=index, where=batch.path.name)
+    return batch
+
+
+def _folder_files(folder: Path, inputs: Sequence[InputSpec]) -> tuple[list[BatchFile], str]:
+    """Case 2: the folder's one kind of calibration file."""
     npz = _files(folder, "*.npz")
     npy = _files(folder, "*.npy")
     sets = sorted((d for d in folder.glob("test_data_set_*") if d.is_dir()), key=_natural_key)
@@ -406,17 +450,34 @@ def _folder_batches(folder: Path, inputs: Sequence[InputSpec]) -> tuple[_Batches
         )
     description = f"{folder} ({sum(len(v) for v in found.values())} {next(iter(found))})"
     if npz:
-        return (lambda: ((_load_npz(f), f.name) for f in npz)), description
+        return [BatchFile("npz", f) for f in npz], description
     if npy:
-        if len(inputs) != 1:
-            names = ", ".join(s.name for s in inputs)
-            raise CalibrationDataError(
-                f"{folder}: .npy files can only feed a single-input model, this one has "
-                f"{len(inputs)} inputs ({names}); use .npz files keyed by input name"
-            )
-        name = inputs[0].name
-        return (lambda: (({name: _load_npy(f)}, f.name) for f in npy)), description
-    return (lambda: ((_load_pb_set(d, inputs), d.name) for d in sets)), description
+        _check_npy_model(folder, inputs)
+        return [BatchFile("npy", f) for f in npy], description
+    return [BatchFile("pb", d) for d in sets], description
+
+
+def _glob_files(pattern: str, inputs: Sequence[InputSpec]) -> tuple[list[BatchFile], str]:
+    """A file glob: the ``.npz`` or ``.npy`` files it matches, one kind, in name order."""
+    paths = sorted((Path(p) for p in glob.glob(pattern) if Path(p).is_file()), key=_natural_key)
+    kinds = {p.suffix for p in paths}
+    if not paths or not kinds <= {".npz", ".npy"}:
+        raise CalibrationDataError(f"{pattern}: matches no .npz or .npy files")
+    if len(kinds) > 1:
+        raise CalibrationDataError(f"{pattern}: matches both .npz and .npy files; keep one kind")
+    kind = kinds.pop()[1:]
+    if kind == "npy":
+        _check_npy_model(Path(pattern), inputs)
+    return [BatchFile(kind, p) for p in paths], f"{pattern} ({len(paths)} *.{kind})"
+
+
+def _check_npy_model(where: Path, inputs: Sequence[InputSpec]) -> None:
+    if len(inputs) != 1:
+        names = ", ".join(s.name for s in inputs)
+        raise CalibrationDataError(
+            f"{where}: .npy files can only feed a single-input model, this one has "
+            f"{len(inputs)} inputs ({names}); use .npz files keyed by input name"
+        )
 
 
 def _reader_batches(reader: Any) -> _Batches:

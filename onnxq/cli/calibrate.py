@@ -8,8 +8,15 @@ from typing import Any
 
 import click
 
-from onnxq.cli.options import CALIB_HELP, batching, plan_filters, target_option, workers_option
+from onnxq.cli.options import (
+    CALIB_HELP,
+    batching,
+    engine_options,
+    plan_filters,
+    target_option,
+)
 from onnxq.config import CalibrationMethod, QuantConfig
+from onnxq.executor import Executor
 from onnxq.model_io import check_output_path
 
 
@@ -36,7 +43,7 @@ from onnxq.model_io import check_output_path
     "`onnxq quantize --ranges` can use any method and percentile.",
 )
 @click.option("--averaging-constant", type=float, default=0.01, show_default=True)
-@workers_option
+@engine_options
 @batching
 @click.option(
     "--hessians/--no-hessians",
@@ -52,7 +59,7 @@ def command(
     calib: Path,
     method: str | None,
     averaging_constant: float,
-    workers: int,
+    executor: Executor,
     batch_size: int,
     max_samples: int | None,
     hessians: bool,
@@ -86,21 +93,21 @@ def command(
             config,
             methods=methods,
             hessians=hessians,
-            workers=workers,
+            executor=executor,
             on_batch=lambda n: bar.update(n - bar.n),
         )
     details = {
         "config": config.to_dict(),
         "methods": [m.value for m in methods],
-        "workers": workers,
+        "workers": executor.workers,
         "source": str(calib),
     }
     written = result.save(output, details)
     kinds = sorted({obs.kind for group in result.observers.values() for obs in group})
     lines = [
         f"observed {len(result.observers)} tensors over {result.samples} samples "
-        f"({result.batches} batches, {workers} worker{'s' if workers > 1 else ''}): "
-        + ", ".join(kinds)
+        f"({result.batches} batches, {executor.workers} worker"
+        f"{'s' if executor.workers > 1 else ''}): " + ", ".join(kinds)
     ]
     if result.uncalibrated:
         lines.append(f"no finite values (will stay float): {', '.join(result.uncalibrated)}")

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from onnxq.config import CalibrationMethod
+from onnxq.executor import ENGINES, open_executor
 from onnxq.runtime import Provider
 from onnxq.targets import DEFAULT_TARGET, TARGETS
 
@@ -57,14 +58,44 @@ def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return with_plan
 
 
-workers_option = click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Calibration processes (batch i goes to worker i mod N; same statistics).",
-)
-"""``--workers N``: calibration sharded over N processes."""
+def engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--workers``, ``--engine`` and ``--ray-address``, handed to ``command`` as one open
+    ``executor`` (closed when the command ends; Ray is contacted only when work is sent)."""
+
+    @functools.wraps(command)
+    def with_executor(**kwargs: Any) -> Any:
+        chosen = (kwargs.pop(name) for name in ("engine", "workers", "ray_address"))
+        with open_executor(*chosen) as executor:
+            return command(executor=executor, **kwargs)
+
+    for option in reversed(
+        [
+            click.option(
+                "--workers",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Workers that calibration batches (batch i goes to worker i mod N; same "
+                "statistics) and per-layer variants are shared out to. Default: 1; with "
+                "--engine ray, one per cluster CPU.",
+            ),
+            click.option(
+                "--engine",
+                type=click.Choice(list(ENGINES)),
+                default="local",
+                show_default=True,
+                help="Where sharded work runs: local (this process, or --workers processes) or "
+                'ray (Ray actors on this machine or a cluster; pip install "onnxq[ray]").',
+            ),
+            click.option(
+                "--ray-address",
+                default=None,
+                help="With --engine ray: the cluster to join (host:port, or set RAY_ADDRESS); "
+                "default: a local Ray instance sized to this machine.",
+            ),
+        ]
+    ):
+        with_executor = option(with_executor)
+    return with_executor
 
 
 method_option = click.option(

@@ -13,10 +13,10 @@ import click
 from onnxq.cli.options import (
     CALIB_HELP,
     batching,
+    engine_options,
     method_option,
     plan_filters,
     target_option,
-    workers_option,
 )
 from onnxq.config import (
     QuantConfig,
@@ -26,6 +26,7 @@ from onnxq.config import (
     WeightRounding,
 )
 from onnxq.errors import ConfigError
+from onnxq.executor import Executor
 from onnxq.model_io import check_output_path, save_model, write_json
 from onnxq.targets import get_target
 from onnxq.targets.ort_format import ort_path
@@ -114,7 +115,7 @@ from onnxq.targets.ort_format import ort_path
     help="7-bit weights. Default: the target's (on for ort-cpu, safe on x86 without VNNI).",
 )
 @batching
-@workers_option
+@engine_options
 @plan_filters
 @click.option(
     "--eval",
@@ -163,7 +164,7 @@ def command(
     reduce_range: bool | None,
     batch_size: int,
     max_samples: int | None,
-    workers: int,
+    executor: Executor,
     plan: dict[str, Any],
     eval_data: Path | None,
     min_cosine: float | None,
@@ -218,7 +219,14 @@ def command(
 
         truth = np.load(labels) if labels is not None else None
         result = quantize_to_target(
-            model, calib, eval_data, config, min_cosine=min_cosine, max_drop=max_drop, labels=truth
+            model,
+            calib,
+            eval_data,
+            config,
+            min_cosine=min_cosine,
+            max_drop=max_drop,
+            labels=truth,
+            executor=executor,
         )
         _save(result.model, output, target)
         _report(result.report.to_dict(), output, summary_json)
@@ -240,7 +248,7 @@ def command(
             calib,
             config,
             ranges=ranges,
-            workers=workers,
+            executor=executor,
             on_batch=lambda n: bar.update(n - bar.n),
         )
     _save(result.model, output, target)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli.options import method_option, target_option
+from onnxq.cli.options import engine_options, method_option, target_option
 from onnxq.config import QuantConfig
+from onnxq.executor import Executor
 
 
 @click.command("sensitivity")
@@ -30,6 +31,7 @@ from onnxq.config import QuantConfig
 @click.option("--top", type=int, default=20, show_default=True, help="Layers to list.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @target_option
+@engine_options
 def command(
     model: Path,
     calib: Path,
@@ -40,6 +42,7 @@ def command(
     top: int,
     json_path: Path | None,
     target: str,
+    executor: Executor,
 ) -> None:
     """Per layer: output SQNR in the int8 model, and the metric gained by keeping it float."""
     from dataclasses import asdict
@@ -52,7 +55,9 @@ def command(
     config = QuantConfig(target=target, method=method, max_samples=max_samples)
     metric = "top1" if labels is not None else "cosine"
     truth = np.load(labels) if labels is not None else None
-    report = analyze_sensitivity(model, calib, eval_data, config, metric=metric, labels=truth)
+    report = analyze_sensitivity(
+        model, calib, eval_data, config, metric=metric, labels=truth, executor=executor
+    )
     click.echo(f"{metric}: fp32 {report.fp32:.4f}, all int8 {report.int8:.4f}")
     click.echo(f"{'layer':60s} {'op':8s} {'out SQNR dB':>11s} {'gain if float':>14s}")
     for layer in report.layers[:top]:

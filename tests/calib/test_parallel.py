@@ -8,11 +8,13 @@ import numpy as np
 import onnx.parser
 import pytest
 
-from onnxq.calibration.collect import collect_shard
+from onnxq.calibration.collect import ShardObserver
 from onnxq.calibration.observers import HistogramObserver, MovingAverageMinMaxObserver
-from onnxq.calibration.parallel import collect_observers, worker_threads
+from onnxq.calibration.parallel import worker_threads
 from onnxq.config import QuantConfig
 from onnxq.errors import CalibrationDataError, ConfigError
+from onnxq.executor import local_executor
+from onnxq.model_io import input_specs
 from onnxq.pipeline import calibrate
 
 SIZES = [5, 3, 8, 1, 4, 6, 2]  # uneven batch sizes: batch i goes to worker i % 2
@@ -76,7 +78,9 @@ def test_worker_error_names_the_batch():
     feeds = [good, good, good, bad, good]
     for workers in (1, 2):
         with pytest.raises(CalibrationDataError, match=r"^batch 3: ONNX Runtime failed"):
-            collect_observers(model, {"s": [HistogramObserver()]}, feeds, workers=workers)
+            local_executor(workers).collect(
+                model.SerializeToString(), {"s": [HistogramObserver()]}, feeds, input_specs(model)
+            )
     assert not multiprocessing.active_children()
 
 
@@ -92,14 +96,16 @@ def test_keyboard_interrupt_terminates_the_workers(cnn, rng):
     assert not multiprocessing.active_children()
 
 
-def test_collect_shard_is_a_plain_function(cnn, rng):
-    """What a cluster task would run: bytes, fresh observers, feeds in; observers out."""
+def test_a_shard_observer_is_built_from_picklable_parts(cnn, rng):
+    """What every worker runs: bytes, fresh observers, the inputs in; samples per batch out."""
     feeds = _feeds(rng)[:2]
-    observers = collect_shard(cnn.SerializeToString(), {"x": [HistogramObserver()]}, feeds)
+    observers = {"x": [HistogramObserver()]}
+    shard = ShardObserver(cnn.SerializeToString(), observers, inputs=input_specs(cnn))
+    assert [shard.observe(i, feed) for i, feed in enumerate(feeds)] == SIZES[:2]
     assert observers["x"][0].count == sum(f["x"].size for f in feeds)
 
 
 def test_worker_settings():
     assert worker_threads(1) >= worker_threads(2) >= 1
     with pytest.raises(ConfigError):
-        collect_observers(b"", {}, [], workers=0)
+        local_executor(0)

@@ -10,7 +10,7 @@ import onnx.parser
 import pytest
 from onnx import numpy_helper
 
-from onnxq.calibration.readers import FeedStream, open_feeds
+from onnxq.calibration.readers import FeedStream, batch_files, load_batch, open_feeds
 from onnxq.errors import CalibrationDataError, ConfigError
 from onnxq.model_io import input_specs
 
@@ -126,6 +126,23 @@ def test_folder_of_npz_feeds_in_natural_order(tmp_path: Path) -> None:
     assert [b["x"].shape[0] for b in batches] == [1, 2, 10]  # whole files, never split
     assert [float(b["t"]) for b in batches] == [1.0, 2.0, 10.0]
     assert stream.samples_seen == 13 and len(list(stream)) == 3
+
+
+def test_glob_reads_the_matching_files_like_a_folder(tmp_path: Path) -> None:
+    for i in (10, 2, 1):
+        np.save(tmp_path / f"part-{i}.npy", np.full((i, 3), i, np.float32))
+    np.save(tmp_path / "other.npy", np.zeros((1, 3), np.float32))
+    pattern = str(tmp_path / "part-*.npy")
+    assert [b["x"].shape[0] for b in open_feeds(pattern, ONE)] == [1, 2, 10]
+    files, _ = batch_files(pattern, ONE)
+    assert [f.path.name for f in files] == ["part-1.npy", "part-2.npy", "part-10.npy"]
+    assert load_batch(files[2], ONE, 2)["x"].shape == (10, 3)
+    assert batch_files(tmp_path / "part-1.npy", ONE) is None  # one file is not a glob
+    with pytest.raises(CalibrationDataError, match=r"matches no \.npz or \.npy files"):
+        open_feeds(str(tmp_path / "none-*.npz"), ONE)
+    np.savez(tmp_path / "part-3.npz", x=np.zeros((1, 3), np.float32))
+    with pytest.raises(CalibrationDataError, match=r"matches both \.npz and \.npy"):
+        open_feeds(pattern.replace(".npy", ".np*"), ONE)
 
 
 def test_folder_of_npy_for_single_input(tmp_path: Path) -> None:

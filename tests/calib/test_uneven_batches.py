@@ -9,9 +9,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from support import run
 
-from onnxq.calibration.parallel import collect_observers
 from onnxq.calibration.ranges import observers_for
 from onnxq.config import CalibrationMethod, QuantConfig
+from onnxq.executor import local_executor
+from onnxq.model_io import input_specs
 from onnxq.pipeline import calibrate, quantize_with_report
 
 VOCAB, HIDDEN = 30, 8
@@ -103,7 +104,9 @@ def test_two_workers_equal_one_on_uneven_batches(attention, rng):
     plans = []
     for workers in (1, 2):
         plan = {name: observers_for(list(CalibrationMethod)) for name in ("x", "q", "att", "o")}
-        collect_observers(attention, plan, feeds, workers=workers)
+        local_executor(workers).collect(
+            attention.SerializeToString(), plan, feeds, input_specs(attention)
+        )
         plans.append(plan)
     one, two = plans
     for name in one:
