@@ -143,7 +143,7 @@ def _quantize(
     decisions = quantize_dynamic_graph(float_model, config)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
-    return finish(float_model, config), decisions
+    return finish(float_model, config, QuantMode.DYNAMIC), decisions
 
 
 def _output_sqnr(

@@ -2,14 +2,15 @@
 
 ``calibrate_plan`` observes the plan's root tensors (and, for GPTQ, the inputs of the weighted
 nodes) over the calibration data, in this process or over worker processes, and returns a
-``Calibration``. ``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after
-checking it belongs to this model and holds what the configured method needs.
+``Calibration``; ``collect_hessians`` observes only GPTQ's input Hessians (weight-only mode).
+``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after checking it
+belongs to this model and holds what the configured method needs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import onnx
 
 from onnxq.calibration.cache import RangesFile, load_ranges, model_fingerprint, save_ranges
 from onnxq.calibration.collect import Feed, Observer
-from onnxq.calibration.hessian import HessianObserver
+from onnxq.calibration.hessian import HessianObserver, InputLayout
 from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
 from onnxq.calibration.parallel import collect_observers
 from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
@@ -109,6 +110,58 @@ def calibrate_plan(
     by_tensor: dict[str, list[Observer]] = {name: list(group) for name, group in observers.items()}
     for tensor, observer in hessian_observers.values():
         by_tensor.setdefault(tensor, []).append(observer)
+    samples, batches = _observe(float_proto, by_tensor, calibration_data, config, workers, on_batch)
+    return Calibration(
+        fingerprint=model_fingerprint(float_proto),
+        observers=observers,
+        hessians=(
+            {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
+            if hessians
+            else None
+        ),
+        samples=samples,
+        batches=batches,
+    )
+
+
+def collect_hessians(
+    float_proto: onnx.ModelProto,
+    inputs: Mapping[str, str],
+    calibration_data: Any,
+    config: QuantConfig,
+    *,
+    workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """GPTQ's ``E[x x^T]`` (``[1, K, K]``) of each node's input, for ``inputs`` mapping node
+    names to the MatMul-style (last-axis) activation they multiply; and the samples seen. Nodes
+    reading one tensor share its observer."""
+    by_tensor = {tensor: HessianObserver(InputLayout()) for tensor in set(inputs.values())}
+    samples, _ = _observe(
+        float_proto,
+        {tensor: [obs] for tensor, obs in by_tensor.items()},
+        calibration_data,
+        config,
+        workers,
+        on_batch,
+    )
+    found = {}
+    for node, tensor in inputs.items():
+        observer = by_tensor[tensor]
+        if observer.count:
+            found[node] = observer.hessian
+    return found, samples
+
+
+def _observe(
+    float_proto: onnx.ModelProto,
+    by_tensor: dict[str, list[Observer]],
+    calibration_data: Any,
+    config: QuantConfig,
+    workers: int,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """Fill ``by_tensor``'s observers from the data; the samples and batches observed."""
     feeds = open_feeds(
         calibration_data,
         input_specs(float_proto),
@@ -133,17 +186,7 @@ def calibrate_plan(
             on_batch(done)
 
     collect_observers(float_proto, by_tensor, batches(), workers=workers, on_batch=progress)
-    return Calibration(
-        fingerprint=model_fingerprint(float_proto),
-        observers=observers,
-        hessians=(
-            {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
-            if hessians
-            else None
-        ),
-        samples=feeds.samples_seen,
-        batches=sent,
-    )
+    return feeds.samples_seen, sent
 
 
 def calibration_from_ranges(
