@@ -13,6 +13,8 @@ beforehand (per row or per tensor); only the integers change.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.linalg import lapack
 
@@ -22,18 +24,40 @@ DAMPING = 0.01  # fraction of mean(diag H) added to the diagonal
 BLOCK = 128
 
 
+@dataclass(frozen=True)
+class HessianFactor:
+    """What GPTQ needs from ``H``: ``upper`` (``U`` above; ``None`` when ``H + damp I`` is not
+    positive definite, and rounding falls back to nearest) and the ``dead`` inputs (``H_ii =
+    0``: never seen non-zero, their weights are dropped). Layers reading the same input share
+    one factor."""
+
+    upper: np.ndarray | None
+    dead: np.ndarray
+
+
+def factor_hessian(hessian: np.ndarray) -> HessianFactor:
+    """Dampen ``H`` and factor it (``K^3`` flops: the costly step of GPTQ)."""
+    h = hessian.astype(np.float64).copy()
+    k = h.shape[0]
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
+    return HessianFactor(_inverse_cholesky(h), dead)
+
+
 def gptq_round(weight: np.ndarray, hessian: np.ndarray, qp: QParams) -> np.ndarray:
     """Integers for ``weight`` (``[rows, K]``) on ``qp``'s grid (per-row or per-tensor)."""
     rows, k = weight.shape
     scale = np.broadcast_to(np.asarray(qp.scale, np.float64).reshape(-1, 1), (rows, 1))
     zero = np.broadcast_to(np.asarray(qp.zero_point, np.float64).reshape(-1, 1), (rows, 1))
-    q = gptq_round_groups(weight, hessian, scale, zero, k, (qp.qmin, qp.qmax))
+    factor = factor_hessian(hessian)
+    q = gptq_round_groups(weight, factor, scale, zero, k, (qp.qmin, qp.qmax))
     return q.astype(qp.zero_point.dtype)
 
 
 def gptq_round_groups(
     weight: np.ndarray,
-    hessian: np.ndarray,
+    factor: HessianFactor,
     scale: np.ndarray,
     zero: np.ndarray,
     group_size: int,
@@ -46,16 +70,12 @@ def gptq_round_groups(
     qmin, qmax = bounds
     scale = np.asarray(scale, np.float64)
     zero = np.asarray(zero, np.float64)
-    w = weight.astype(np.float64).copy()
-    h = hessian.astype(np.float64).copy()
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h[np.diag_indices(k)] += DAMPING * np.mean(np.diag(h))
-    upper = _inverse_cholesky(h)
+    upper = factor.upper
     if upper is None:
         index = np.arange(k) // group_size
         return np.clip(np.rint(weight / scale[:, index]) + zero[:, index], qmin, qmax)
+    w = weight.astype(np.float64).copy()
+    w[:, factor.dead] = 0.0
     q = np.empty_like(w)
     for start in range(0, k, BLOCK):
         stop = min(start + BLOCK, k)

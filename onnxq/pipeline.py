@@ -244,6 +244,11 @@ def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantCo
     config = config or QuantConfig()
     target = get_target(config.target)
     check_mode(target, mode)
+    if config.weight_type is not None and config.weight_type.bits < 8:
+        raise ConfigError(
+            f"{config.weight_type.value} weights are written by --mode weight-only only, "
+            f"not {mode.value}"
+        )
     if config.reduce_range is not None:
         reason = "set by the user"
     elif target.reduce_range:

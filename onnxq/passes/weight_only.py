@@ -24,7 +24,9 @@ block size. Blocked ``DequantizeLinear`` needs default-domain opset 21
 (``WEIGHT_ONLY_OPSET``): ``prepare`` raises the model to it. ORT's CPU kernel then runs with
 its session default ``session.qdq_matmulnbits_accuracy_level`` = 4: activations are quantized
 to int8 per block at run time (about 0.5% relative error on a random layer; "0" keeps them
-float and matches ``DequantizeLinear -> MatMul`` exactly).
+float and matches ``DequantizeLinear -> MatMul`` exactly). One measured exception: a MatMul
+whose output goes through ``Relu`` into another MatMul stays ``DequantizeLinear`` + ``MatMul``
+in ORT 1.32 (through Sigmoid, Tanh or GELU it fuses); ``onnxq inspect`` shows what fused.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import onnx_ir as ir
 
 from onnxq.blockwise import BlockQParams, block_qparams, quantize_blocks
 from onnxq.config import QuantConfig, QuantType
-from onnxq.gptq import gptq_round_groups
+from onnxq.gptq import HessianFactor, factor_hessian, gptq_round_groups
 from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
 
@@ -106,6 +108,7 @@ class WeightOnlyPass(ir.passes.InPlacePass):
     def __post_init__(self) -> None:
         super().__init__()
         self.decisions: list[NodeDecision] = []
+        self._factors: dict[int, HessianFactor] = {}  # by id: Q, K and V share one Hessian
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -132,7 +135,13 @@ class WeightOnlyPass(ir.passes.InPlacePass):
             array, qtype, config.block_size, symmetric=qtype.signed, method=config.weight_range
         )
         hessian = self.hessians.get(node.name)
-        levels = quantize_blocks(array, qp) if hessian is None else _gptq(array, hessian[0], qp)
+        if hessian is None:
+            levels = quantize_blocks(array, qp)
+        else:
+            factor = self._factors.get(id(hessian))
+            if factor is None:
+                factor = self._factors[id(hessian)] = factor_hessian(hessian[0])
+            levels = _gptq(array, factor, qp)
         dequantized = self._emit_dequantize(graph, node, weight.name, levels, qp)
         if node.op_type == "MatMul":
             node.replace_input_with(1, dequantized)
@@ -175,10 +184,10 @@ def quantize_weight_only_graph(
     return rewrite.decisions
 
 
-def _gptq(weight: np.ndarray, hessian: np.ndarray, qp: BlockQParams) -> np.ndarray:
+def _gptq(weight: np.ndarray, factor: HessianFactor, qp: BlockQParams) -> np.ndarray:
     """GPTQ integers of ``weight[K, N]`` on the fixed block grid: rows are output columns."""
     levels = gptq_round_groups(
-        weight.T, hessian, qp.scale.T, qp.zero_point.T, qp.block_size, qp.bounds
+        weight.T, factor, qp.scale.T, qp.zero_point.T, qp.block_size, qp.bounds
     )
     return np.ascontiguousarray(levels.T).astype(qp.zero_point.dtype)
 
