@@ -145,12 +145,9 @@ def collect_hessians(
         workers,
         on_batch,
     )
-    found = {}
-    for node, tensor in inputs.items():
-        observer = by_tensor[tensor]
-        if observer.count:
-            found[node] = observer.hessian
-    return found, samples
+    per_tensor = {tensor: obs.hessian for tensor, obs in by_tensor.items() if obs.count}
+    found = {node: per_tensor[tensor] for node, tensor in inputs.items() if tensor in per_tensor}
+    return found, samples  # nodes reading one tensor share one array (and GPTQ one factor)
 
 
 def _observe(
