@@ -5,6 +5,7 @@ The one-call API::
     import onnxq
     quantized = onnxq.quantize("model.onnx", {"input": calibration_images})
     dynamic = onnxq.quantize_dynamic("model.onnx")
+    four_bit = onnxq.quantize_weight_only("model.onnx")
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "export_torch",
     "quantize",
     "quantize_dynamic",
+    "quantize_weight_only",
 ]
 __version__ = "0.1.0"
 
@@ -38,6 +40,13 @@ def quantize(model: Any, calibration_data: Any, config: QuantConfig | None = Non
 def quantize_dynamic(model: Any, config: QuantConfig | None = None, **options: Any) -> Any:
     """Int8 weights, activations quantized at run time (see ``onnxq.dynamic``)."""
     from onnxq.dynamic import quantize_dynamic as run
+
+    return run(model, config, **options)
+
+
+def quantize_weight_only(model: Any, config: QuantConfig | None = None, **options: Any) -> Any:
+    """Blocked 4-bit (or 8-bit) MatMul weights, float activations (see ``onnxq.weight_only``)."""
+    from onnxq.weight_only import quantize_weight_only as run
 
     return run(model, config, **options)
 

@@ -93,7 +93,8 @@ class QuantConfig:
         per_channel: weights get one scale per output channel where the target allows it.
         activation_type: ``uint8`` (asymmetric), ``int8`` or ``uint16``.
         activation_symmetric: force zero point 0 for activations (signed types only).
-        weight_type: ``int8`` (symmetric, zero point 0) or ``uint8`` (asymmetric).
+        weight_type: ``int8`` (symmetric, zero point 0) or ``uint8`` (asymmetric); weight-only
+            mode also ``int4`` (symmetric) and ``uint4`` (asymmetric).
         weight_rounding: ``gptq`` (error-compensating, uses calibration inputs) or ``nearest``.
         reduce_range: 7-bit weights, avoiding u8s8 saturation on x86 without VNNI.
         op_types: op types that may be quantized; empty means the target's ops with an int8
@@ -120,6 +121,8 @@ class QuantConfig:
             SmoothQuant adds no node; by default the others get a ``Mul``.
         quantize_embeddings: store embedding tables (Gather of a constant matrix) as int8
             with per-row scales.
+        block_size: weight-only mode: weights along K that share one scale (a power of two
+            >= 16, which ONNX Runtime fuses into ``MatMulNBits``).
     """
 
     target: str = "ort-cpu"
@@ -144,6 +147,7 @@ class QuantConfig:
     smooth: bool = True
     smooth_alpha: float | None = None
     smooth_fold_only: bool = False
+    block_size: int = 32
     version: int = field(default=CONFIG_VERSION)
 
     def __post_init__(self) -> None:
@@ -174,6 +178,8 @@ class QuantConfig:
             raise ConfigError(f"smooth_alpha must be in (0, 1), got {self.smooth_alpha}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
         unsigned = self.activation_type is not None and not self.activation_type.signed

@@ -147,7 +147,7 @@ def _quantize(
     decisions = quantize_dynamic_graph(float_model, config, hessians)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
-    return finish(float_model, config), decisions
+    return finish(float_model, config, QuantMode.DYNAMIC), decisions
 
 
 def _weight_hessians(float_model: ir.Model, config: QuantConfig, data: Any) -> dict[str, Any]:

@@ -12,7 +12,8 @@ and changes no int8/float decision.
 
 Each node of the optimized graph is one of (op types compared without their domain):
 
-1. ``int8``: an integer kernel (``INT8_KERNELS``: QLinearConv, MatMulIntegerToFloat, ...);
+1. ``int8``: an integer kernel (``INT8_KERNELS``: QLinearConv, MatMulIntegerToFloat, ...;
+   ``MatMulNBits``, weight-only mode's blocked 4/8-bit weights, counts here too);
 2. ``float``: a compute op that stayed float (``FLOAT_COMPUTE``: Conv, MatMul, Gemm, ...);
 3. ``qdq``: a QuantizeLinear / DequantizeLinear / DynamicQuantizeLinear left unfused;
 4. ``other``: everything else (Relu, Reshape, Flatten, MaxPool, ...).
@@ -48,6 +49,7 @@ INT8_KERNELS: dict[str, str] = {
     "MatMulInteger": "MatMul",
     "MatMulIntegerToFloat": "MatMul",
     "DynamicQuantizeMatMul": "MatMul",
+    "MatMulNBits": "MatMul",  # blocked 4/8-bit weights (weight-only), float activations
     "QGemm": "Gemm",
     "QLinearAdd": "Add",
     "QLinearMul": "Mul",

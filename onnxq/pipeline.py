@@ -222,11 +222,17 @@ def build_quantized(
 
 
 def prepare_float(
-    proto: onnx.ModelProto, config: QuantConfig, calibration_data: Any = None
+    proto: onnx.ModelProto,
+    config: QuantConfig,
+    calibration_data: Any = None,
+    *,
+    min_opset: int | None = None,
 ) -> tuple[ir.Model, onnx.ModelProto, list[str]]:
     """The clean float graph (``prepare``, then SmoothQuant when the config asks and data is
-    given) as an IR model and as a proto, and notes for the report."""
-    float_model = prepare(ir.from_proto(proto), min_opset=get_target(config.target).min_opset)
+    given) as an IR model and as a proto, and notes for the report. The opset is raised to the
+    target's ``min_opset``, or to ``min_opset`` where that is higher (a mode's need)."""
+    opset = max(get_target(config.target).min_opset, min_opset or 0)
+    float_model = prepare(ir.from_proto(proto), min_opset=opset)
     float_proto = ir.to_proto(float_model)
     notes: list[str] = []
     if config.smooth and calibration_data is not None:
@@ -251,6 +257,11 @@ def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantCo
     config = config or QuantConfig()
     target = get_target(config.target)
     check_mode(target, mode)
+    if config.weight_type is not None and config.weight_type.bits < 8:
+        raise ConfigError(
+            f"{config.weight_type.value} weights are written by --mode weight-only only, "
+            f"not {mode.value}"
+        )
     if config.reduce_range is not None:
         reason = "set by the user"
     elif target.reduce_range:
@@ -291,10 +302,12 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
             )
 
 
-def finish(model: ir.Model, config: QuantConfig) -> onnx.ModelProto:
+def finish(
+    model: ir.Model, config: QuantConfig, mode: QuantMode = QuantMode.STATIC
+) -> onnx.ModelProto:
     """Serialise, record provenance, and check with ``full_check`` (a failure is our bug)."""
     out = ir.to_proto(model)
-    stamp_provenance(out, config)
+    stamp_provenance(out, config, mode)
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:
@@ -304,9 +317,11 @@ def finish(model: ir.Model, config: QuantConfig) -> onnx.ModelProto:
     return out
 
 
-def stamp_provenance(model: onnx.ModelProto, config: QuantConfig) -> None:
-    """Record provenance in the model's metadata: onnxq's version, the config, the target and
-    the scheme the file was written with (``onnxq.targets.recorded_target`` reads it back)."""
+def stamp_provenance(
+    model: onnx.ModelProto, config: QuantConfig, mode: QuantMode = QuantMode.STATIC
+) -> None:
+    """Record provenance in the model's metadata: onnxq's version, the config, the mode, the
+    target and the scheme the file was written with."""
     import json
 
     from onnxq import __version__
@@ -315,8 +330,9 @@ def stamp_provenance(model: onnx.ModelProto, config: QuantConfig) -> None:
     entries = {
         "onnxq.version": __version__,
         "onnxq.config": json.dumps(config.to_dict(), sort_keys=True),
+        "onnxq.mode": mode.value,
         "onnxq.target": target.name,
-        "onnxq.scheme": json.dumps(scheme_of(config), sort_keys=True),
+        "onnxq.scheme": json.dumps(scheme_of(config, mode), sort_keys=True),
         "onnxq.reduce_range": str(bool(config.reduce_range)).lower(),
     }
     kept = [p for p in model.metadata_props if p.key not in entries]
@@ -326,8 +342,18 @@ def stamp_provenance(model: onnx.ModelProto, config: QuantConfig) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def scheme_of(config: QuantConfig) -> dict[str, Any]:
-    """The integer scheme a resolved config writes, as plain values."""
+def scheme_of(config: QuantConfig, mode: QuantMode = QuantMode.STATIC) -> dict[str, Any]:
+    """The integer scheme a resolved config writes in ``mode``, as plain values."""
+    if mode is QuantMode.WEIGHT_ONLY:  # float activations, blocked weights
+        return {
+            "target": config.target,
+            "mode": mode.value,
+            "activation_type": "float",
+            "weight_type": config.weight_type.value,
+            "weight_symmetric": config.weight_type.signed,
+            "weight_bits": config.weight_type.bits,
+            "block_size": config.block_size,
+        }
     return {
         "target": config.target,
         "activation_type": config.activation_type.value,

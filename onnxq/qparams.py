@@ -30,6 +30,8 @@ _NUMPY_TYPES = {
     QuantType.INT8: np.int8,
     QuantType.UINT16: np.uint16,
     QuantType.INT16: np.int16,
+    QuantType.UINT4: np.uint8,  # 4-bit integers are held one per byte until written
+    QuantType.INT4: np.int8,
 }
 
 
@@ -60,7 +62,7 @@ def integer_bounds(
     if reduce_range:
         qmin, qmax = qmin // 2, qmax // 2
     if symmetric:
-        if qtype is QuantType.UINT8:
+        if not qtype.signed:
             raise ValueError("symmetric quantization needs a signed type")
         qmin = -qmax
     return qmin, qmax
@@ -109,9 +111,18 @@ def compute_qparams(
     with np.errstate(over="ignore"):
         if not np.all(np.isfinite(reach.astype(np.float32))):
             raise too_wide
-    narrow = (bounded or reduce_range) and (qmin, qmax) != qtype.bounds
+    dtype = _NUMPY_TYPES[qtype]
+    # narrower than the type (7-bit), or than the numpy type that holds it (4-bit)
+    narrow = ((bounded or reduce_range) and (qmin, qmax) != qtype.bounds) or (
+        qtype.bounds != _dtype_bounds(dtype)
+    )
     narrowed = (qmin, qmax) if narrow else None
-    return QParams(scale, zero_point.astype(_NUMPY_TYPES[qtype]), axis, narrowed)
+    return QParams(scale, zero_point.astype(dtype), axis, narrowed)
+
+
+def _dtype_bounds(dtype: type[np.integer]) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
 
 
 def _zero_point(rmin: np.ndarray, scale: np.ndarray, qmin: int, qmax: int) -> np.ndarray:

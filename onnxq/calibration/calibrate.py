@@ -5,6 +5,7 @@ nodes) over the calibration data on an ``onnxq.executor`` engine (this process, 
 or Ray) and returns a ``Calibration``. Folder and glob sources go to the workers as file paths
 (each reads its own batches) unless ``max_samples`` cuts the stream, which only a reader of every
 batch in order can do; other sources are read here and their batches sent.
+``collect_hessians`` observes only GPTQ's input Hessians (weight-only mode).
 ``calibration_from_ranges`` rebuilds a ``Calibration`` from a ranges file after checking it
 belongs to this model and holds what the configured method needs.
 """
@@ -12,7 +13,7 @@ belongs to this model and holds what the configured method needs.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import onnx
 
 from onnxq.calibration.cache import RangesFile, load_ranges, model_fingerprint, save_ranges
 from onnxq.calibration.collect import Observer
-from onnxq.calibration.hessian import HessianObserver
+from onnxq.calibration.hessian import HessianObserver, InputLayout
 from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
 from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
 from onnxq.calibration.readers import batch_files, open_feeds
@@ -114,6 +115,62 @@ def calibrate_plan(
     by_tensor: dict[str, list[Observer]] = {name: list(group) for name, group in observers.items()}
     for tensor, observer in hessian_observers.values():
         by_tensor.setdefault(tensor, []).append(observer)
+    samples, batches = _observe(
+        float_proto,
+        by_tensor,
+        calibration_data,
+        config,
+        executor or local_executor(workers),
+        on_batch,
+    )
+    return Calibration(
+        fingerprint=model_fingerprint(float_proto),
+        observers=observers,
+        hessians=(
+            {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
+            if hessians
+            else None
+        ),
+        samples=samples,
+        batches=batches,
+    )
+
+
+def collect_hessians(
+    float_proto: onnx.ModelProto,
+    inputs: Mapping[str, str],
+    calibration_data: Any,
+    config: QuantConfig,
+    *,
+    workers: int = 1,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[dict[str, np.ndarray], int]:
+    """GPTQ's ``E[x x^T]`` (``[1, K, K]``) of each node's input, for ``inputs`` mapping node
+    names to the MatMul-style (last-axis) activation they multiply; and the samples seen. Nodes
+    reading one tensor share its observer."""
+    by_tensor = {tensor: HessianObserver(InputLayout()) for tensor in set(inputs.values())}
+    samples, _ = _observe(
+        float_proto,
+        {tensor: [obs] for tensor, obs in by_tensor.items()},
+        calibration_data,
+        config,
+        local_executor(workers),
+        on_batch,
+    )
+    per_tensor = {tensor: obs.hessian for tensor, obs in by_tensor.items() if obs.count}
+    found = {node: per_tensor[tensor] for node, tensor in inputs.items() if tensor in per_tensor}
+    return found, samples  # nodes reading one tensor share one array (and GPTQ one factor)
+
+
+def _observe(
+    float_proto: onnx.ModelProto,
+    by_tensor: dict[str, list[Observer]],
+    calibration_data: Any,
+    config: QuantConfig,
+    executor: Executor,
+    on_batch: Callable[[int], None] | None,
+) -> tuple[int, int]:
+    """Fill ``by_tensor``'s observers from the data on ``executor``; samples and batches seen."""
     inputs = input_specs(float_proto)
     files = batch_files(calibration_data, inputs) if config.max_samples is None else None
     batches = (
@@ -134,19 +191,8 @@ def calibrate_plan(
         if on_batch is not None:
             on_batch(done[1])
 
-    running = executor or local_executor(workers)  # a local executor holds nothing to close
-    running.collect(float_proto.SerializeToString(), by_tensor, batches, inputs, on_batch=progress)
-    return Calibration(
-        fingerprint=model_fingerprint(float_proto),
-        observers=observers,
-        hessians=(
-            {name: obs.hessian for name, (_, obs) in hessian_observers.items() if obs.count}
-            if hessians
-            else None
-        ),
-        samples=done[1],
-        batches=done[0],
-    )
+    executor.collect(float_proto.SerializeToString(), by_tensor, batches, inputs, on_batch=progress)
+    return done[1], done[0]
 
 
 def calibration_from_ranges(

@@ -51,7 +51,15 @@ from onnxq.targets.ort_format import ort_path
     default=QuantMode.STATIC.value,
     show_default=True,
     help="dynamic: int8 weights, activations quantized at run time (--calib optional: it "
-    "only feeds SmoothQuant).",
+    "only feeds SmoothQuant). weight-only: blocked 4- or 8-bit MatMul weights (MatMulNBits in "
+    "ONNX Runtime), float activations (--calib optional: it feeds GPTQ).",
+)
+@click.option(
+    "--block-size",
+    type=int,
+    default=32,
+    show_default=True,
+    help="weight-only: weights along K sharing one scale (a power of two >= 16: 32, 64, 128).",
 )
 @click.option(
     "--weight-rounding",
@@ -107,7 +115,8 @@ from onnxq.targets.ort_format import ort_path
     "--weight-type",
     type=click.Choice([t.value for t in QuantType]),
     default=None,
-    help="Default: the target's (ort-cpu: int8).",
+    help="Default: the target's (ort-cpu: int8). weight-only: uint4 (default, a zero point "
+    "per block), int4 (symmetric), uint8 or int8.",
 )
 @click.option(
     "--reduce-range/--no-reduce-range",
@@ -149,6 +158,7 @@ def command(
     calib: Path | None,
     ranges: Path | None,
     mode: str,
+    block_size: int,
     weight_rounding: str,
     smooth_alpha: float | None,
     no_smooth: bool,
@@ -172,16 +182,17 @@ def command(
     labels: Path | None,
     summary_json: Path | None,
 ) -> None:
-    """Int8 quantization of MODEL: static QDQ calibrated on --calib data (or --ranges), or
-    --mode dynamic."""
+    """Int8 quantization of MODEL: static QDQ calibrated on --calib data (or --ranges),
+    --mode dynamic, or --mode weight-only (4-bit MatMul weights)."""
     from tqdm import tqdm
 
     from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.pipeline import quantize_with_report
+    from onnxq.weight_only import quantize_weight_only_with_report
 
     if mode == QuantMode.STATIC and (calib is None) == (ranges is None):
         raise ConfigError("give --calib DATA or --ranges FILE (exactly one)")
-    if mode == QuantMode.DYNAMIC and ranges is not None:
+    if mode != QuantMode.STATIC and ranges is not None:
         raise ConfigError("--ranges applies to static mode only")
     sources = [path for path in (model, calib, ranges) if path is not None]
     check_output_path(output, *sources)
@@ -206,6 +217,7 @@ def command(
         smooth=not no_smooth,
         smooth_alpha=smooth_alpha,
         smooth_fold_only=smooth_fold_only,
+        block_size=block_size,
     )
     targeted = min_cosine is not None or max_drop is not None
     if targeted != (eval_data is not None) or (
@@ -240,17 +252,26 @@ def command(
         desc="calibrating",
         unit="sample",
         file=sys.stderr,
-        disable=None if ranges is None else True,
+        disable=None if calib is not None else True,
         total=max_samples,
     ) as bar:
-        result = quantize_with_report(
-            model,
-            calib,
-            config,
-            ranges=ranges,
-            executor=executor,
-            on_batch=lambda n: bar.update(n - bar.n),
-        )
+        if mode == QuantMode.WEIGHT_ONLY:
+            result = quantize_weight_only_with_report(
+                model,
+                config,
+                calibration_data=calib,
+                workers=executor.workers,
+                on_batch=lambda n: bar.update(n - bar.n),
+            )
+        else:
+            result = quantize_with_report(
+                model,
+                calib,
+                config,
+                ranges=ranges,
+                executor=executor,
+                on_batch=lambda n: bar.update(n - bar.n),
+            )
     _save(result.model, output, target)
     _report(result.report.to_dict(), output, summary_json)
 
@@ -292,7 +313,10 @@ def _summary(report: dict, output: Path) -> str:
     lines.append(_scheme_line(config))
     reduce = "on" if report["reduce_range"] else "off"
     source = f"from {report['ranges_file']} " if report.get("ranges_file") else ""
-    if config.get("mode") == "dynamic":
+    if config.get("mode") == QuantMode.WEIGHT_ONLY:
+        data = f", GPTQ Hessians from {report['samples']} samples" if report["samples"] else ""
+        lines.append(f"weight-only: {config['weight_rounding']} rounding{data}")
+    elif config.get("mode") == "dynamic":
         lines.append(f"dynamic: reduce_range {reduce} ({report['reduce_range_reason']})")
     else:
         lines.append(
@@ -309,6 +333,11 @@ def _summary(report: dict, output: Path) -> str:
 
 def _scheme_line(config: dict) -> str:
     """E.g. ``target ort-cpu: activations uint8, weights int8 (7-bit), per-channel``."""
+    if config.get("mode") == QuantMode.WEIGHT_ONLY:
+        return (
+            f"target {config['target']}: activations float, weights {config['weight_type']} "
+            f"in blocks of {config['block_size']} along K"
+        )
     bits = " (7-bit)" if config.get("reduce_range") else ""
     symmetric = " symmetric" if config.get("activation_symmetric") else ""
     granularity = "per-channel" if config.get("per_channel") else "per-tensor"
