@@ -118,9 +118,7 @@ def compile_model(
         raise InvalidModelError(f"OpenVINO cannot compile {path}: {_reason(exc)}") from None
 
 
-def runtime_precisions(
-    path: PathLike, *, inference_precision: str | None = None
-) -> RuntimeReport:
+def runtime_precisions(path: PathLike, *, inference_precision: str | None = None) -> RuntimeReport:
     """Compile ``path`` for OpenVINO's CPU plugin and read each layer's ``layerType`` and
     ``runtimePrecision`` from the runtime model."""
     ov = _openvino()
