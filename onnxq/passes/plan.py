@@ -11,8 +11,9 @@
 3. The quantization point of a node's output moves past a single follower the target's runtime
    fuses (``fold_activations``: Relu, Clip).
 4. A node whose quantization point is a graph output declines unless its kernel also has a
-   float output or ``quantize_outputs`` is set. Kernels with a float output (MatMul, Gemm)
-   get an output Q/DQ only where a quantized consumer reads it.
+   float output or ``quantize_outputs`` is set. Kernels with a float output (MatMul, Gemm, and
+   every op of the target's ``float_output_ops``) get an output Q/DQ only where a quantized
+   consumer reads it.
 5. Ops with a constant weight (Conv, Gemm, weight MatMul) are anchors. Every other op
    (element-wise, pooling, Concat, MatMul of two activations) is quantized only inside an int8
    region: its inputs come from quantized outputs and a quantized op reads its output. So a
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
@@ -113,6 +114,8 @@ def plan_quantization(
         rule = QUANTIZABLE_OPS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
             continue
+        if node.op_type in target.float_output_ops:
+            rule = replace(rule, float_output_ok=True)
         if node.op_type not in allowed_ops:
             decline("op type not selected")
             continue

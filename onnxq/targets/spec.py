@@ -52,6 +52,9 @@ class Target:
         per_channel_ops: op types whose weights get one scale per output channel.
         fold_activations: ops (Relu, Clip) the output Q may move past because the runtime
             fuses them into the kernel.
+        float_output_ops: op types whose int8 kernel in this runtime may write a float output,
+            so they need Q/DQ on their inputs only (ONNX Runtime's QLinearConv needs an output
+            Q; OpenVINO's Convolution does not). MatMul and Gemm have one everywhere.
         bias: ``BiasForm`` of Conv/Gemm biases.
         min_opset: default-domain opset the written model needs (raised by ``prepare``).
         wide_qdq_domain: domain of Q/DQ nodes with 16-bit types below opset 21
@@ -79,6 +82,7 @@ class Target:
     activation_symmetric: bool = False
     reduce_range: bool = False
     fold_activations: frozenset[str] = frozenset({"Relu", "Clip"})
+    float_output_ops: frozenset[str] = frozenset()
     bias: BiasForm = BiasForm.INT32
     min_opset: int = 13
     wide_qdq_domain: str = "com.microsoft"

@@ -1,0 +1,276 @@
+"""``--target openvino`` against its peers, in OpenVINO, in one run:
+``python -m benchmarks.openvino_target``.
+
+For a CNN (the zoo ResNet-18) and a transformer (ViT-S/16, ``models.vit``), both at 224x224 and
+calibrated on the same photo crops, four models run in OpenVINO's CPU plugin: fp32, onnxq
+``--target openvino``, onnxq's default target (``ort-cpu``) and ONNX Runtime's
+``quantize_static`` QDQ output (per-channel, u8 activations, s8 weights, after its
+``quant_pre_process``). For each: how many weighted layers run u8/i8 in OpenVINO's runtime model,
+SQNR against fp32 (OpenVINO, f32) on evaluation crops, and batch-1 latency at a fixed thread
+count, interleaved, at two inference precisions: ``f32`` and the plugin's default (``bf16`` on
+CPUs with AMX, so there "fp32" means what a user gets without a hint).
+
+Options: ``--models resnet,vit``, ``--out benchmarks/results``, ``--threads 1``, ``--rounds 10``,
+``--calib 32``, ``--quick`` (8 calibration crops, 3 rounds: a smoke run), ``--onednn-max-isa
+ISA`` (sets ``ONEDNN_MAX_CPU_ISA`` before OpenVINO loads, e.g. ``AVX2``: an *emulation* of an
+older CPU, recorded as such; writes ``openvino-ISA.md``), ``--keep-models DIR``.
+Writes ``openvino.md`` and ``openvino.json`` into ``--out``; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+DEFAULT_OUT = Path("benchmarks/results")
+MODELS = ("resnet", "vit")
+VARIANTS = (
+    ("fp32", "fp32"),
+    ("onnxq-openvino", "onnxq --target openvino"),
+    ("onnxq-default", "onnxq (default target ort-cpu)"),
+    ("ort-static", "ORT quantize_static (QDQ, per-channel)"),
+)
+EVAL_IMAGES = 8
+
+
+@dataclass
+class Row:
+    """One model variant: weighted layers int8 in OpenVINO, SQNR, latencies."""
+
+    slug: str
+    label: str
+    path: Path
+    integer: int = 0
+    weighted: int = 0
+    sqnr_db: float | None = None
+    latency_ms: dict[str, float] | None = None
+    quantize_s: float | None = None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.openvino_target")
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--onednn-max-isa", default=None)
+    parser.add_argument("--keep-models", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    unknown = set(args.models) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {MODELS}")
+    if args.quick:
+        args.calib, args.rounds = 8, 3
+    return args
+
+
+def export(name: str, folder: Path) -> Path:
+    """The float model ``name`` exported (and checked against torch) into ``folder``."""
+    from models.resnet import resnet18_factory
+    from models.vit import vit_s_factory
+    from onnxq.export import export_torch
+
+    factory = {"resnet": resnet18_factory, "vit": vit_s_factory}[name]
+    module, example = factory()
+    path = folder / f"{name}.fp32.onnx"
+    export_torch(module, example, path, input_names=["input"])
+    return path
+
+
+def quantize_variants(fp32: Path, calib: np.ndarray) -> list[Row]:
+    """fp32 and the three quantized variants of one model, written beside ``fp32``."""
+    import onnxq
+    from onnxq.config import QuantConfig
+
+    rows = [Row("fp32", "fp32", fp32)]
+    for slug, target in (("onnxq-openvino", "openvino"), ("onnxq-default", "ort-cpu")):
+        path = fp32.with_name(fp32.name.replace("fp32", slug))
+        start = time.perf_counter()
+        onnx.save(onnxq.quantize(fp32, {"input": calib}, QuantConfig(target=target)), path)
+        rows.append(Row(slug, dict(VARIANTS)[slug], path, quantize_s=time.perf_counter() - start))
+    path = fp32.with_name(fp32.name.replace("fp32", "ort-static"))
+    start = time.perf_counter()
+    _ort_quantize_static(fp32, path, calib)
+    elapsed = time.perf_counter() - start
+    rows.append(Row("ort-static", dict(VARIANTS)["ort-static"], path, quantize_s=elapsed))
+    return rows
+
+
+def _ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter({"input": calib[i : i + 1]} for i in range(len(calib)))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    prepared = out.with_suffix(".pre.onnx")
+    quant_pre_process(str(fp32), str(prepared))
+    quantize_static(
+        str(prepared),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+    )
+
+
+def measure(rows: list[Row], images: np.ndarray, *, threads: int, rounds: int) -> None:
+    """Fill each row's int8 counts, SQNR and latencies (f32 and the plugin's default)."""
+    from onnxq.targets.openvino import run_model, runtime_precisions, time_models
+
+    reference = np.concatenate([run_model(rows[0].path, {"input": x[None]})[0] for x in images])
+    for row in rows:
+        report = runtime_precisions(row.path, inference_precision="f32")
+        row.integer, row.weighted = len(report.integer_layers), len(report.weighted)
+        if row.slug != "fp32":
+            out = np.concatenate([run_model(row.path, {"input": x[None]})[0] for x in images])
+            row.sqnr_db = _sqnr(reference, out)
+        row.latency_ms = {}
+    feed = {"input": images[:1]}
+    for precision in ("f32", None):
+        latencies = time_models(
+            [row.path for row in rows],
+            feed,
+            threads=threads,
+            rounds=rounds,
+            runs_per_round=5,
+            inference_precision=precision,
+        )
+        for row, latency in zip(rows, latencies, strict=True):
+            row.latency_ms[precision or "default"] = latency.median_ms
+
+
+def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
+    return float(20 * np.log10(np.linalg.norm(reference) / np.linalg.norm(reference - approx)))
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
+    import openvino as ov
+
+    from onnxq.isa import cpuinfo_value
+    from onnxq.runtime import cpu_model_name
+
+    flags = set((cpuinfo_value("flags") or "").split())
+    core = ov.Core()
+    return {
+        "openvino": ov.get_version(),
+        "cpu_model": cpu_model_name(),
+        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}),
+        "default_inference_precision": core.get_property(
+            "CPU", "INFERENCE_PRECISION_HINT"
+        ).to_string(),
+        "onednn_max_cpu_isa": args.onednn_max_isa or "native",
+        "threads": args.threads,
+        "rounds": args.rounds,
+        "calibration_images": args.calib,
+        "python": platform.python_version(),
+    }
+
+
+def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
+    isa = env["onednn_max_cpu_isa"]
+    lines = [
+        "# onnxq --target openvino, measured in OpenVINO",
+        "",
+        f"OpenVINO {env['openvino']}, CPU plugin; {env['cpu_model']} "
+        f"({', '.join(env['cpu_flags'])}); oneDNN ISA: {isa}"
+        + (" (EMULATED with ONEDNN_MAX_CPU_ISA)" if isa != "native" else "")
+        + f"; {env['threads']} thread(s), batch 1, {env['rounds']} interleaved rounds x 5 runs, "
+        f"median; calibration on {env['calibration_images']} photo crops, SQNR vs fp32 on "
+        f"{EVAL_IMAGES} evaluation crops (OpenVINO, f32).",
+        "",
+        "Latency ratios are to fp32 at the same inference precision: `f32` (hint set) and "
+        f"the plugin's default (`{env['default_inference_precision']}` here; bf16 on CPUs "
+        "with AMX: float layers run bf16 there, in the fp32 model and in the quantized ones).",
+        "",
+        "Produced by `python -m benchmarks.openvino_target"
+        + (f" --onednn-max-isa {isa}" if isa != "native" else "")
+        + "`.",
+        "",
+    ]
+    for name, rows in results.items():
+        base = rows[0].latency_ms
+        lines += [
+            f"## {name}",
+            "",
+            "| variant | weighted layers u8/i8 | SQNR dB | f32 hint ms | vs fp32 "
+            "| default hint ms | vs fp32 | quantize s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in rows:
+            lat = row.latency_ms
+            lines.append(
+                f"| {row.label} | {row.integer} / {row.weighted} "
+                f"| {'-' if row.sqnr_db is None else f'{row.sqnr_db:.1f}'} "
+                f"| {lat['f32']:.2f} | {lat['f32'] / base['f32']:.2f}x "
+                f"| {lat['default']:.2f} | {lat['default'] / base['default']:.2f}x "
+                f"| {'-' if row.quantize_s is None else f'{row.quantize_s:.1f}'} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.onednn_max_isa:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = args.onednn_max_isa  # before OpenVINO loads
+    from calibration.images import eval_inputs, resnet_inputs
+
+    calib, images = resnet_inputs(args.calib), eval_inputs(EVAL_IMAGES)
+    results: dict[str, list[Row]] = {}
+    with tempfile.TemporaryDirectory(prefix="onnxq-ov-bench-") as tmp:
+        folder = args.keep_models or Path(tmp)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in args.models:
+            print(f"{name}: export and quantize", file=sys.stderr)
+            rows = quantize_variants(export(name, folder), calib)
+            print(f"{name}: measure in OpenVINO", file=sys.stderr)
+            measure(rows, images, threads=args.threads, rounds=args.rounds)
+            results[{"resnet": "ResNet-18", "vit": "ViT-S/16"}[name]] = rows
+    env = environment(args)
+    suffix = f"-{args.onednn_max_isa}" if args.onednn_max_isa else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"openvino{suffix}.md").write_text(markdown(results, env))
+    from onnxq.model_io import write_json
+
+    data = {
+        "environment": env,
+        "models": {
+            name: [
+                {k: (str(v) if isinstance(v, Path) else v) for k, v in row.__dict__.items()}
+                for row in rows
+            ]
+            for name, rows in results.items()
+        },
+    }
+    write_json(data, args.out / f"openvino{suffix}.json")
+    print(f"wrote {args.out / f'openvino{suffix}.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
