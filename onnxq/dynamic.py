@@ -23,7 +23,7 @@ from onnxq.errors import CalibrationDataError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
-from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
+from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
     ModelSource,
@@ -65,8 +65,9 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    plain_model, prepared, _ = prepare_float(proto, config)  # no data here: nothing smoothed
-    smoothed_model, smoothing_data, notes = _smooth(prepared, config, calibration_data)
+    plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
+    smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
+    notes += smooth_notes
     if smoothed_model is None:
         out, decisions = _quantize(plain_model, config, calibration_data)
     else:  # the plain candidate records what it is: no smoothing
@@ -145,6 +146,7 @@ def _quantize(
     0.9937), embedding tables, check."""
     hessians = _weight_hessians(float_model, config, data)
     decisions = quantize_dynamic_graph(float_model, config, hessians)
+    decisions += subgraph_decisions(float_model.graph)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
     return finish(float_model, config), decisions

@@ -28,7 +28,7 @@ from onnxq.isa import cpu_features
 from onnxq.model_io import model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.plan import NodeDecision, plan_quantization
+from onnxq.passes.plan import NodeDecision, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
@@ -215,9 +215,10 @@ def prepare_float(
     given) as an IR model and as a proto, and notes for the report."""
     float_model = prepare(ir.from_proto(proto), min_opset=get_target(config.target).min_opset)
     float_proto = ir.to_proto(float_model)
-    notes: list[str] = []
+    notes = non_tensor_note(float_model)
     if config.smooth and calibration_data is not None:
-        changed, notes = smooth_from_data(float_model, float_proto, calibration_data, config)
+        changed, smooth_notes = smooth_from_data(float_model, float_proto, calibration_data, config)
+        notes += smooth_notes
         if changed:
             float_proto = ir.to_proto(float_model)
     return float_model, float_proto, notes

@@ -12,12 +12,8 @@ import onnx_ir.passes.common as common_passes
 
 from onnxq.passes.canonicalize import SpatialMeanToGlobalPoolPass
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
-from onnxq.passes.fold_constants import (
-    DEFAULT_MAX_SIZE,
-    FoldConstantsPass,
-    fold_constants,
-    shape_inference_pass,
-)
+from onnxq.passes.fold_constants import DEFAULT_MAX_SIZE, FoldConstantsPass, fold_constants
+from onnxq.passes.infer_shapes import InferShapesPass, infer_shapes
 from onnxq.passes.opset import (
     CheckDomainsPass,
     UpgradeOpsetPass,
@@ -40,27 +36,6 @@ __all__ = [
     "prepare",
     "upgrade_opset",
 ]
-
-
-class InferShapesPass(ir.passes.InPlacePass):
-    """Fill in value shapes and dtypes with ONNX shape inference (data propagation on).
-
-    Cases:
-
-    1. Inference succeeds: every value's shape/dtype is set from it (subgraphs included).
-    2. A node inference cannot handle (custom domain, unknown op): skipped, the rest still
-       inferred (non-strict mode).
-    3. Inference fails as a whole: the model is left unchanged, nothing raises. Large
-       initializers are detached while serialising, so models over 2 GB are handled.
-    """
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return shape_inference_pass()(model)
-
-
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Infer shapes and dtypes of ``model``'s values in place (never raises); return it."""
-    return InferShapesPass()(model).model
 
 
 class RemoveInitializerInputsPass(ir.passes.InPlacePass):
