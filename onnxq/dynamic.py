@@ -29,8 +29,10 @@ from onnxq.pipeline import (
     ModelSource,
     QuantizationReport,
     QuantResult,
+    check_quality,
     finish,
     prepare_float,
+    quality_fields,
     refuse_quantized,
     resolve_config,
 )
@@ -77,6 +79,8 @@ def quantize_dynamic_with_report(
             proto, smoothed, plain, smoothing_data, config
         )
         notes.append(verdict)
+    data = calibration_data if calibration_data is not None else smoothing_data
+    quality = check_quality(prepared, out, decisions, data, config)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -87,6 +91,7 @@ def quantize_dynamic_with_report(
         config={**config.to_dict(), "mode": "dynamic"},
         target=get_target(config.target).to_dict(),
         notes=notes,
+        **quality_fields(quality),
     )
     return QuantResult(out, report)
 
