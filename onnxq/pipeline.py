@@ -28,6 +28,7 @@ from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_l
 from onnxq.isa import cpu_features
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import NodeDecision, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
@@ -311,7 +312,9 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
 
 
 def finish(model: ir.Model, config: QuantConfig) -> onnx.ModelProto:
-    """Serialise, record provenance, and check with ``full_check`` (a failure is our bug)."""
+    """Weights left float back in the model's half type (if it had one), serialise, record
+    provenance, and check with ``full_check`` (a failure is our bug)."""
+    store_half_weights(model)
     out = ir.to_proto(model)
     stamp_provenance(out, config)
     try:

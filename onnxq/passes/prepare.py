@@ -13,6 +13,7 @@ import onnx_ir.passes.common as common_passes
 from onnxq.passes.canonicalize import SpatialMeanToGlobalPoolPass
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
 from onnxq.passes.fold_constants import DEFAULT_MAX_SIZE, FoldConstantsPass, fold_constants
+from onnxq.passes.half_precision import UpcastHalfPass
 from onnxq.passes.infer_shapes import InferShapesPass, infer_shapes
 from onnxq.passes.opset import (
     CheckDomainsPass,
@@ -66,13 +67,14 @@ class PreparePass(ir.passes.FunctionalPass):
     Cases, in order, on a copy of the model (tensors are shared, never written):
 
     1. Unknown op domains: ``UnsupportedModelError`` (``CheckDomainsPass``).
-    2. Default-domain opset below ``min_opset``: upgraded (``UpgradeOpsetPass``).
-    3. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
-    4. Constant subgraphs folded into initializers (``FoldConstantsPass``).
-    5. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
-    6. Shapes inferred (``InferShapesPass``).
-    7. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
-    8. Every node and value gets a unique name (nodes are reported and selected by name);
+    2. float16/bfloat16 computed in float32 inside the same interface (``UpcastHalfPass``).
+    3. Default-domain opset below ``min_opset``: upgraded (``UpgradeOpsetPass``).
+    4. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
+    5. Constant subgraphs folded into initializers (``FoldConstantsPass``).
+    6. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
+    7. Shapes inferred (``InferShapesPass``).
+    8. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
+    9. Every node and value gets a unique name (nodes are reported and selected by name);
        graphs and functions sorted topologically.
     """
 
@@ -80,6 +82,7 @@ class PreparePass(ir.passes.FunctionalPass):
         super().__init__()
         # Built (and validated) up front so a bad option fails before any work.
         self._passes: tuple[ir.passes.InPlacePass, ...] = (
+            UpcastHalfPass(),
             UpgradeOpsetPass(min_opset),
             RemoveInitializerInputsPass(),
             FoldConstantsPass(max_size),
