@@ -23,14 +23,16 @@ from onnxq.errors import CalibrationDataError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
-from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization
+from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
     ModelSource,
     QuantizationReport,
     QuantResult,
+    check_quality,
     finish,
     prepare_float,
+    quality_fields,
     refuse_quantized,
     resolve_config,
 )
@@ -65,8 +67,9 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    plain_model, prepared, _ = prepare_float(proto, config)  # no data here: nothing smoothed
-    smoothed_model, smoothing_data, notes = _smooth(prepared, config, calibration_data)
+    plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
+    smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
+    notes += smooth_notes
     if smoothed_model is None:
         out, decisions = _quantize(plain_model, config, calibration_data)
     else:  # the plain candidate records what it is: no smoothing
@@ -76,6 +79,8 @@ def quantize_dynamic_with_report(
             proto, smoothed, plain, smoothing_data, config
         )
         notes.append(verdict)
+    data = calibration_data if calibration_data is not None else smoothing_data
+    quality = check_quality(prepared, out, decisions, data, config)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -86,6 +91,7 @@ def quantize_dynamic_with_report(
         config={**config.to_dict(), "mode": "dynamic"},
         target=get_target(config.target).to_dict(),
         notes=notes,
+        **quality_fields(quality),
     )
     return QuantResult(out, report)
 
@@ -145,6 +151,7 @@ def _quantize(
     0.9937), embedding tables, check."""
     hessians = _weight_hessians(float_model, config, data)
     decisions = quantize_dynamic_graph(float_model, config, hessians)
+    decisions += subgraph_decisions(float_model.graph)
     if config.quantize_embeddings:
         decisions += quantize_embeddings(float_model)
     return finish(float_model, config, QuantMode.DYNAMIC), decisions

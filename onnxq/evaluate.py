@@ -8,14 +8,17 @@ fp32 model's output order; float outputs only):
 * cosine similarity of the flattened first output, per sample (axis 0 is the batch), mean and min
   (1 when both vectors are zero, 0 when only one is);
 * max abs error over all float outputs;
-* top-1 = argmax over the last axis of the first output: agreement with fp32's top-1, and
-  accuracy against ``labels`` when given.
+* top-1 = argmax over the classes of the first output, only where it is classifier-shaped
+  (``[N, C]`` with ``C > 1``; a saliency map or an embedding has no top-1): agreement with
+  fp32's top-1, and accuracy against ``labels`` when given.
 
 Speed and size (every model, fp32 included):
 
 * latency: batch-1 runs (the first sample of the data), p50/p90 in ms. Each model runs its block
   after ``warmup`` untimed runs, in two rounds (the second in reverse model order) so drift
-  (clock, other load) hits all alike; never run by run alternately (see ``_block_times``);
+  (clock, other load) hits all alike; never run by run alternately (see ``_block_times``).
+  ``max_seconds`` bounds each model's timing (warm-up included; 80% latency, 20% throughput):
+  a block stops early once its share is spent, after at least one timed run;
 * throughput in samples/s at ``throughput_batch`` (the first samples of the data, repeated when
   there are fewer), ``batch / median run time``;
 * file size in bytes (the ``.onnx`` file plus any external data files it references);
@@ -42,7 +45,7 @@ from onnxq.calibration.readers import FeedSource, open_feeds
 from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.memory import session_peak_memory
-from onnxq.model_io import InputSpec, input_specs, json_safe, load_model
+from onnxq.model_io import InputSpec, input_specs, json_safe, load_model, model_proto
 from onnxq.runtime import (
     ORT_ERRORS,
     Provider,
@@ -303,12 +306,15 @@ def compare(
     throughput_runs: int | None = None,
     intra_op_threads: int | None = None,
     measure_memory: bool = True,
+    max_seconds: float | None = None,
     on_batch: Callable[[int], None] | None = None,
+    on_run: Callable[[str, int, int], None] | None = None,
 ) -> ComparisonResult:
     """Measure fp32 and each quantized model on ``provider`` (see the module docstring).
 
     ``data`` is any source ``open_feeds`` accepts, read once. ``throughput_runs`` defaults to
-    ``max(3, latency_runs // 10)``. ``on_batch(samples)`` follows the accuracy pass.
+    ``max(3, latency_runs // 10)``. ``on_batch(samples)`` follows the accuracy pass,
+    ``on_run(model, done, total)`` the timed runs (runs a time budget skips count as done).
     """
     chosen = check_provider(provider)
     for label, value, least in (
@@ -321,6 +327,8 @@ def compare(
     ):
         if value is not None and value < least:
             raise ConfigError(f"{label} must be >= {least}, got {value}")
+    if max_seconds is not None and not max_seconds > 0:
+        raise ConfigError(f"max_seconds must be > 0, got {max_seconds}")
     throughput_runs = throughput_runs or max(3, latency_runs // 10)
     label_array = load_labels(labels) if labels is not None else None
 
@@ -368,8 +376,12 @@ def compare(
             notes,
         )
     sessions = [m.session for m in models]
-    latency = _block_times(sessions, one, latency_runs, warmup)
-    throughput = _block_times(sessions, many, throughput_runs, min(warmup, 2) or 1)
+    progress = _Progress([m.name for m in models], latency_runs + throughput_runs, on_run)
+    share = (None, None) if max_seconds is None else (0.8 * max_seconds, 0.2 * max_seconds)
+    latency = _block_times(sessions, one, latency_runs, warmup, budget=share[0], on_run=progress)
+    throughput = _block_times(
+        sessions, many, throughput_runs, min(warmup, 2) or 1, budget=share[1], on_run=progress
+    )
 
     rows = [
         ModelMeasurement(
@@ -396,6 +408,7 @@ def compare(
         "latency_batch": one_batch,
         "throughput_batch": many_batch,
         "throughput_runs": throughput_runs,
+        "max_seconds": max_seconds,
         "optimization_level": "all",
         "timing": "per model: warm-up then a block of timed runs (time.perf_counter around "
         "session.run); two rounds, the second in reverse model order",
@@ -410,6 +423,31 @@ def compare(
         settings=settings,
         notes=tuple(notes),
     )
+
+
+def measure_accuracy(
+    fp32: PathLike | onnx.ModelProto,
+    quantized: PathLike | onnx.ModelProto,
+    data: FeedSource,
+    *,
+    labels: PathLike | np.ndarray | None = None,
+    batch_size: int = 32,
+    max_samples: int | None = None,
+) -> tuple[AccuracyMetrics, AccuracyMetrics]:
+    """Accuracy only (no timing, no memory) of ``quantized`` against ``fp32`` on CPU: the fp32
+    metrics (top-1 against labels) and the quantized model's (module docstring)."""
+    label_array = load_labels(labels) if labels is not None else None
+    protos = [model_proto(m) for m in (fp32, quantized)]
+    specs = input_specs(protos[0])
+    _check_same_interface(_outputs_of("fp32", protos[0]), specs, "quantized model", protos[1])
+    models = [
+        _outputs_of(name, proto) for name, proto in zip(("fp32", "int8"), protos, strict=True)
+    ]
+    for model, proto in zip(models, protos, strict=True):
+        model.session = make_session(proto.SerializeToString())
+    feeds = open_feeds(data, specs, batch_size=batch_size, max_samples=max_samples)
+    _, (reference, metrics), _ = _accuracy_pass(models, feeds, specs, label_array, 0, None)
+    return reference, metrics
 
 
 def model_size(path: PathLike) -> int:
@@ -474,6 +512,13 @@ def _accuracy_pass(
 
 
 def _describe(path: PathLike, proto: onnx.ModelProto) -> _Model:
+    described = _outputs_of(Path(path).stem, proto)
+    described.path, described.size = Path(path), model_size(path)
+    return described
+
+
+def _outputs_of(name: str, proto: onnx.ModelProto) -> _Model:
+    """A ``_Model`` named ``name`` with ``proto``'s outputs (no path, no size, no session)."""
     float_types = {
         onnx.TensorProto.FLOAT,
         onnx.TensorProto.DOUBLE,
@@ -482,7 +527,7 @@ def _describe(path: PathLike, proto: onnx.ModelProto) -> _Model:
     }
     outputs = [o.name for o in proto.graph.output]
     floats = [o.name for o in proto.graph.output if o.type.tensor_type.elem_type in float_types]
-    return _Model(Path(path).stem, Path(path), model_size(path), outputs, floats)
+    return _Model(name, Path(name), 0, outputs, floats)
 
 
 def _check_same_interface(
@@ -524,10 +569,15 @@ def _run(model: _Model, feed: Feed, index: int) -> dict[str, np.ndarray]:
     return dict(zip(names, values, strict=True))
 
 
+def classifier_shaped(array: np.ndarray) -> bool:
+    """``[N, C]`` with ``C > 1``: the only output shape top-1 and agreement are measured on."""
+    return array.ndim == 2 and array.shape[1] > 1
+
+
 def _predictions(outputs: dict[str, np.ndarray], ref: _Model) -> np.ndarray | None:
-    """Top-1 of the fp32 model's first output (``None`` for a scalar output)."""
+    """Top-1 of the fp32 model's first output (``None`` where it is not classifier-shaped)."""
     first = np.asarray(outputs[ref.outputs[0]])
-    return top1(first) if first.ndim else None
+    return top1(first) if classifier_shaped(first) else None
 
 
 def _label_chunk(
@@ -540,7 +590,9 @@ def _label_chunk(
             "label per sample"
         )
     if predictions is None:
-        raise CalibrationDataError("labels given, but the model's first output is a scalar")
+        raise CalibrationDataError(
+            "labels given, but the model's first output is not classifier-shaped [N, C]"
+        )
     if chunk.shape != predictions.shape and chunk.ndim == predictions.ndim + 1:
         chunk = np.argmax(chunk, axis=-1)  # one-hot or scores
     if chunk.shape != predictions.shape:
@@ -624,13 +676,37 @@ def _throughput_feed(feeds: list[Feed], specs: Sequence[InputSpec], batch: int) 
     return out, batch
 
 
-def _block_times(sessions: Sequence[Any], feed: Feed, runs: int, warmup: int) -> list[list[float]]:
+class _Progress:
+    """Counts timed runs over all models for ``on_run(model, done, total)``."""
+
+    def __init__(
+        self, names: Sequence[str], runs: int, on_run: Callable[[str, int, int], None] | None
+    ) -> None:
+        self.names, self.total, self.done, self.on_run = names, runs * len(names), 0, on_run
+
+    def __call__(self, index: int, count: int) -> None:
+        self.done += count
+        if self.on_run is not None:
+            self.on_run(self.names[index], self.done, self.total)
+
+
+def _block_times(
+    sessions: Sequence[Any],
+    feed: Feed,
+    runs: int,
+    warmup: int,
+    *,
+    budget: float | None = None,
+    on_run: Callable[[int, int], None] = lambda index, runs: None,
+) -> list[list[float]]:
     """Per session, seconds per run, measured in blocks: never two sessions back to back.
 
     ORT's intra-op threads spin for a while after each run, so alternating sessions run by run
     makes them fight for cores (3x slower on a 2-core host). Instead each session runs its block
     after ``warmup`` untimed runs; the runs are split into two rounds, the second in reverse
-    order, so slow drift (clocks, other load) hits every model alike.
+    order, so slow drift (clocks, other load) hits every model alike. ``budget`` (seconds per
+    session, split over the rounds) ends a block early after at least one timed run;
+    ``on_run(session index, runs)`` counts runs, skipped ones included.
     """
     times: list[list[float]] = [[] for _ in sessions]
     first = (runs + 1) // 2
@@ -640,12 +716,17 @@ def _block_times(sessions: Sequence[Any], feed: Feed, runs: int, warmup: int) ->
             continue
         for i in indices:
             session = sessions[i]
+            deadline = None if budget is None else time.perf_counter() + budget / 2
             for _ in range(warmup):
                 session.run(None, feed)
-            for _ in range(count):
+            for done in range(count):
+                if done and deadline is not None and time.perf_counter() > deadline:
+                    on_run(i, count - done)
+                    break
                 start = time.perf_counter()
                 session.run(None, feed)
                 times[i].append(time.perf_counter() - start)
+                on_run(i, 1)
     return times
 
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -19,12 +21,15 @@ from google.protobuf.message import DecodeError
 from onnxq.errors import InvalidModelError, OutputPathError, first_line
 
 PathLike = str | os.PathLike[str]
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model is written with its weights in OUT.data
+EXTERNAL_THRESHOLD = 1024  # bytes: weights at least this large go to the data file
 
 # ONNX element types a model input can have that calibration data can supply.
 _NP_DTYPES = {
     onnx.TensorProto.FLOAT: np.float32,
     onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.BFLOAT16: ml_dtypes.bfloat16,
     onnx.TensorProto.INT8: np.int8,
     onnx.TensorProto.UINT8: np.uint8,
     onnx.TensorProto.INT16: np.int16,
@@ -74,8 +79,8 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         ) from None
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
-    try:
-        onnx.checker.check_model(model)
+    try:  # over 2 GB the checker reads the file (it cannot serialise the model)
+        onnx.checker.check_model(model if not is_large(model) else os.fspath(path))
     except onnx.checker.ValidationError as exc:
         raise InvalidModelError(
             f"{path}: the ONNX checker rejects the model: {first_line(exc)}"
@@ -124,14 +129,51 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
     return out
 
 
+def is_large(model: onnx.ModelProto) -> bool:
+    """Over protobuf's 2 GB limit: cannot be serialised as one message."""
+    return model.ByteSize() > PROTOBUF_LIMIT
+
+
 def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     """Write atomically: serialise to a temporary file in the same folder, then rename.
 
-    A failure (or Ctrl-C) at any point leaves no partial file at ``output``.
+    A model over 2 GB is written with its weights in ``OUTPUT.data`` beside it (and the
+    proto is left pointing at that file instead of holding the weights): both are written and
+    checked in a temporary folder, then renamed into place, data first. A failure (or Ctrl-C)
+    at any point leaves no partial file at ``output``.
     """
     out = check_output_path(output)
     proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
-    return atomic_write(out, proto.SerializeToString())
+    if not is_large(proto):
+        return atomic_write(out, proto.SerializeToString())
+    return _save_with_external_data(proto, out)
+
+
+def _save_with_external_data(proto: onnx.ModelProto, out: Path) -> Path:
+    data = out.with_name(f"{out.name}.data")
+    check_output_path(data)
+    try:
+        folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.resolve().parent))
+    except OSError as exc:
+        raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
+    try:
+        staged = folder / out.name
+        onnx.save_model(
+            proto,
+            os.fspath(staged),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=EXTERNAL_THRESHOLD,
+        )
+        onnx.checker.check_model(os.fspath(staged))
+        os.replace(folder / data.name, data)
+        os.replace(staged, out)
+    except OSError as exc:
+        raise OutputPathError(f"{out}: cannot write there: {exc.strerror or exc}") from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return out
 
 
 def atomic_write(output: PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:

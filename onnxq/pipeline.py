@@ -22,17 +22,20 @@ from onnxq.calibration.calibrate import (
 )
 from onnxq.calibration.observers import MinMaxObserver
 from onnxq.calibration.ranges import range_for
+from onnxq.calibration.readers import open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, QuantMode
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
 from onnxq.executor import Executor
 from onnxq.isa import cpu_features
-from onnxq.model_io import model_proto
+from onnxq.model_io import input_specs, is_large, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.plan import NodeDecision, plan_quantization
+from onnxq.passes.plan import NodeDecision, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
+from onnxq.quality import OutputQuality, measure_quality
 from onnxq.smoothing import smooth_from_data
 from onnxq.targets import check_mode, get_target
 
@@ -59,6 +62,8 @@ class QuantizationReport:
     cpu: dict[str, Any] = field(default_factory=lambda: cpu_features().to_dict())
     ranges_file: str | None = None
     notes: list[str] = field(default_factory=list)
+    quality: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def quantized(self) -> list[NodeDecision]:
@@ -168,6 +173,7 @@ def quantize_with_report(
             on_batch=on_batch,
         )
     out, decisions = build_quantized(float_model, calibration, config)
+    quality = check_quality(float_proto, out, decisions, calibration_data, config)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -180,8 +186,34 @@ def quantize_with_report(
         target=get_target(config.target).to_dict(),
         ranges_file=None if ranges is None else calibration.source,
         notes=notes + list(calibration.notes),
+        **quality_fields(quality),
     )
     return QuantResult(out, report)
+
+
+def check_quality(
+    float_proto: onnx.ModelProto,
+    quantized: onnx.ModelProto,
+    decisions: list[NodeDecision],
+    data: Any,
+    config: QuantConfig,
+) -> OutputQuality | None:
+    """``onnxq.quality.measure_quality`` on the run's own data (``None`` without data, or when
+    the data can be read only once)."""
+    if data is None:
+        return None
+    feeds = open_feeds(data, input_specs(float_proto), batch_size=config.batch_size)
+    if not feeds.reiterable:
+        return None
+    return measure_quality(float_proto, quantized, feeds, decisions)
+
+
+def quality_fields(quality: OutputQuality | None) -> dict[str, Any]:
+    """The report's ``quality`` and ``warnings`` from a measured quality."""
+    if quality is None:
+        return {}
+    warning = quality.warning()
+    return {"quality": quality.to_dict(), "warnings": [warning] if warning else []}
 
 
 def build_quantized(
@@ -234,9 +266,10 @@ def prepare_float(
     opset = max(get_target(config.target).min_opset, min_opset or 0)
     float_model = prepare(ir.from_proto(proto), min_opset=opset)
     float_proto = ir.to_proto(float_model)
-    notes: list[str] = []
+    notes = non_tensor_note(float_model)
     if config.smooth and calibration_data is not None:
-        changed, notes = smooth_from_data(float_model, float_proto, calibration_data, config)
+        changed, smooth_notes = smooth_from_data(float_model, float_proto, calibration_data, config)
+        notes += smooth_notes
         if changed:
             float_proto = ir.to_proto(float_model)
     return float_model, float_proto, notes
@@ -305,9 +338,13 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
 def finish(
     model: ir.Model, config: QuantConfig, mode: QuantMode = QuantMode.STATIC
 ) -> onnx.ModelProto:
-    """Serialise, record provenance, and check with ``full_check`` (a failure is our bug)."""
+    """Weights left float back in the model's half type (if it had one), serialise, record
+    provenance, and check with ``full_check`` (a failure is our bug)."""
+    store_half_weights(model)
     out = ir.to_proto(model)
     stamp_provenance(out, config, mode)
+    if is_large(out):  # cannot be serialised for the checker: save_model checks its files
+        return out
     try:
         onnx.checker.check_model(out, full_check=True)
     except onnx.checker.ValidationError as exc:

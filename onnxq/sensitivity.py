@@ -7,8 +7,9 @@ and ``pipeline.build_quantized`` rebuilds the int8 model with some nodes exclude
   ``output_sqnr_db``, the SQNR of its output in the all-int8 model against fp32 (where error has
   accumulated), and ``gain``, how much the end metric improves when only that layer is float.
 * ``quantize_to_target``: layers sorted by gain; the smallest prefix left float that meets
-  ``min_cosine`` (mean cosine of the first output against fp32) or ``max_drop`` (top-1 points,
-  against labels or else against fp32's predictions), found by bisection.
+  ``min_cosine`` (mean cosine of the first output against fp32), ``min_sqnr`` (SQNR of the
+  first output against fp32, dB) or ``max_drop`` (top-1 points, against labels or else
+  against fp32's predictions), found by bisection.
 
 The per-layer variants are independent tasks on an ``onnxq.executor`` engine: the study (float
 model, calibration, eval feeds, fp32 reference, the weights GPTQ already rounded) is shipped once
@@ -33,6 +34,7 @@ from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
 from onnxq.executor import Executor, local_executor
+from onnxq.evaluate import sqnr_db
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
@@ -41,9 +43,11 @@ from onnxq.pipeline import (
     QuantResult,
     build_quantized,
     prepare_float,
+    quality_fields,
     refuse_quantized,
     resolve_config,
 )
+from onnxq.quality import measure_quality
 from onnxq.runtime import make_session
 from onnxq.targets import get_target
 
@@ -125,13 +129,16 @@ class _Study:
 
     def evaluate(self, model: onnx.ModelProto) -> float:
         output = self.outputs(model)[0]
-        return self._cosine(output) if self.metric == "cosine" else self._top1(output)
+        return getattr(self, f"_{self.metric}")(output)  # _cosine, _sqnr or _top1
 
     def _cosine(self, output: np.ndarray) -> float:
         ref = self.reference[0].reshape(len(self.reference[0]), -1).astype(np.float64)
         out = output.reshape(len(output), -1).astype(np.float64)
         norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
         return float(np.mean((ref * out).sum(axis=1) / np.maximum(norms, 1e-30)))
+
+    def _sqnr(self, output: np.ndarray) -> float:
+        return sqnr_db(self.reference[0], output)
 
     def _top1(self, output: np.ndarray) -> float:
         target = self.labels if self.labels is not None else self.reference[0].argmax(-1)
@@ -166,6 +173,7 @@ def quantize_to_target(
     *,
     min_cosine: float | None = None,
     max_drop: float | None = None,
+    min_sqnr: float | None = None,
     labels: np.ndarray | None = None,
     workers: int = 1,
     executor: Executor | None = None,
@@ -175,14 +183,16 @@ def quantize_to_target(
     ``executor``: where calibration and the per-layer variants run (default:
     ``local_executor(workers)``).
     """
-    if (min_cosine is None) == (max_drop is None):
-        raise ConfigError("give exactly one target: min_cosine or max_drop")
-    metric = "cosine" if min_cosine is not None else "top1"
+    targets = {"cosine": min_cosine, "sqnr": min_sqnr, "top1": max_drop}
+    given = [(metric, value) for metric, value in targets.items() if value is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one target: min_cosine, min_sqnr or max_drop")
+    ((metric, value),) = given
     running = executor or local_executor(workers)
     study = _study(model, calibration_data, eval_data, config, labels, metric, running)
     report = _sensitivity(study, running)
     fp32 = report.fp32
-    goal = min_cosine if min_cosine is not None else fp32 - max_drop
+    goal = fp32 - value if metric == "top1" else value
     ranked = [layer.name for layer in report.layers]
     low, high = 0, len(ranked)  # the answer lies in [low, high]
     if study(ranked) < goal:
@@ -221,8 +231,8 @@ def quantize_to_target(
 
 
 def _study(model, calibration_data, eval_data, config, labels, metric, executor) -> _Study:
-    if metric not in ("cosine", "top1"):
-        raise ConfigError(f"metric must be cosine or top1, got {metric!r}")
+    if metric not in ("cosine", "sqnr", "top1"):
+        raise ConfigError(f"metric must be cosine, sqnr or top1, got {metric!r}")
     return _Study(
         model, calibration_data, eval_data, config or QuantConfig(), labels, metric, executor
     )
@@ -264,4 +274,5 @@ def _report(
         config=study.config.to_dict(),
         target=get_target(study.config.target).to_dict(),
         notes=notes,
+        **quality_fields(measure_quality(study.float_proto, model, study.feeds, decisions)),
     )

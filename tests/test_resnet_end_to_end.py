@@ -55,6 +55,7 @@ def test_resnet18_int8_is_small_close_and_fully_fused(
     quantized = result.model
     onnx.checker.check_model(quantized, full_check=True)
     assert result.report.samples == 16
+    assert result.report.quality["sqnr_db"] > 20 and not result.report.warnings  # no collapse
 
     fp32_size = resnet_fp32.stat().st_size
     assert quantized.ByteSize() <= 0.30 * fp32_size

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import ml_dtypes
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
@@ -259,6 +260,12 @@ def _check_names(keys: list[Any], inputs: Sequence[InputSpec], at: str) -> None:
 
 
 def _check_array(arr: np.ndarray, spec: InputSpec, label: str) -> None:
+    if spec.dtype == ml_dtypes.bfloat16:
+        raise CalibrationDataError(
+            f"{label}: a bfloat16 input cannot be fed: ONNX Runtime's Python API takes no "
+            "bfloat16 arrays; export the model with float32 or float16 inputs (bfloat16 "
+            "weights are fine), or quantize --mode dynamic without data"
+        )
     if spec.shape is not None and arr.ndim != len(spec.shape):
         raise CalibrationDataError(
             f"{label}: expected rank {len(spec.shape)} {_fmt_shape(spec.shape)}, "

@@ -130,12 +130,17 @@ from onnxq.targets.ort_format import ort_path
     "--eval",
     "eval_data",
     type=click.Path(path_type=Path),
-    help="Evaluation data for --min-cosine / --max-drop.",
+    help="Evaluation data for --min-cosine / --min-sqnr / --max-drop (default: --calib).",
 )
 @click.option(
     "--min-cosine",
     type=float,
     help="Leave the fewest layers float so that mean cosine to fp32 on --eval >= this.",
+)
+@click.option(
+    "--min-sqnr",
+    type=float,
+    help="Leave the fewest layers float so that the output SQNR to fp32 on --eval >= this (dB).",
 )
 @click.option(
     "--max-drop",
@@ -178,6 +183,7 @@ def command(
     plan: dict[str, Any],
     eval_data: Path | None,
     min_cosine: float | None,
+    min_sqnr: float | None,
     max_drop: float | None,
     labels: Path | None,
     summary_json: Path | None,
@@ -219,11 +225,14 @@ def command(
         smooth_fold_only=smooth_fold_only,
         block_size=block_size,
     )
-    targeted = min_cosine is not None or max_drop is not None
-    if targeted != (eval_data is not None) or (
+    targeted = any(value is not None for value in (min_cosine, min_sqnr, max_drop))
+    if (eval_data is not None and not targeted) or (
         targeted and (mode != QuantMode.STATIC or calib is None)
     ):
-        raise ConfigError("--min-cosine/--max-drop need --eval and --calib (static mode)")
+        raise ConfigError(
+            "--min-cosine/--min-sqnr/--max-drop need --calib (static mode); --eval needs one "
+            "of them"
+        )
     if targeted:
         import numpy as np
 
@@ -233,9 +242,10 @@ def command(
         result = quantize_to_target(
             model,
             calib,
-            eval_data,
+            calib if eval_data is None else eval_data,
             config,
             min_cosine=min_cosine,
+            min_sqnr=min_sqnr,
             max_drop=max_drop,
             labels=truth,
             executor=executor,
@@ -324,6 +334,13 @@ def _summary(report: dict, output: Path) -> str:
             f"reduce_range {reduce} ({report['reduce_range_reason']})"
         )
     lines += [f"note: {note}" for note in report.get("notes", [])]
+    if report.get("quality"):
+        quality = report["quality"]
+        lines.append(
+            f"output vs fp32 on {quality['batches']} calibration batches: SQNR "
+            f"{quality['sqnr_db']:.1f} dB, cosine {quality['cosine']:.4f}"
+        )
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
     if report["uncalibrated"]:
         skipped = ", ".join(report["uncalibrated"])
         lines.append(f"no finite calibration values, left float: {skipped}")

@@ -14,7 +14,11 @@ Rewrite rules (``DynamicQuantizePass``):
 3. ``LSTM`` (forward/reverse/bidirectional, ``layout = 0``, no ``input_forget``) with constant
    ``W``/``R`` becomes ``com.microsoft.DynamicQuantizeLSTM`` with ``W``, ``R`` transposed to
    ``[directions, in, 4*hidden]`` and quantized per gate column.
-4. Everything else stays float; Conv among them (ConvInteger is not faster than fp32 on CPU).
+4. A weight read by several nodes (an LSTM unrolled into per-step Gemms sharing ``W_hh``) is
+   quantized once and every reader takes the same integer weight; GPTQ rounds it with the
+   mean of its readers' Hessians (nearest rounding when a reader has none).
+5. Everything else stays float; Conv among them (ConvInteger is not faster than fp32 on CPU),
+   and every node inside an If/Loop/Scan body (as in static mode: ``subgraph_decisions``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ import onnx_ir as ir
 from onnxq.calibration.weight_ranges import weight_qparams_for
 from onnxq.config import QuantConfig, QuantType
 from onnxq.passes.fold_constants import remove_unused_initializers
-from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
+from onnxq.passes.naming import add_initializer
+from onnxq.passes.plan import (
+    NodeDecision,
+    is_constant,
+    is_float32,
+    node_label,
+)
 from onnxq.passes.weight_rounding import round_weight
 from onnxq.qparams import QParams, quantize
 
@@ -48,6 +58,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     def __post_init__(self) -> None:
         super().__init__()
         self.decisions: list[NodeDecision] = []
+        self._weights: dict[tuple[str, bool], tuple[ir.Value, ir.Value, ir.Value]] = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -88,30 +99,51 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             return "weight is not a 2-D float32 constant"
         if not is_float32(activation) or is_constant(activation):
             return "left operand is not a float32 activation"
-        array = weight.const_value.numpy().astype(np.float32)
         output = node.outputs[0]
-        hessian = self.hessians.get(node.name)
-        result = self._emit_matmul(graph, node, activation, array, weight.name, hessian)
+        hessian = self._shared_hessian(weight)
+        result = self._emit_matmul(graph, node, activation, weight, transposed=False)
         _take_over(graph, node, output, result)
         return "int8 DynamicQuantizeMatMul" + (" (GPTQ rounding)" if hessian is not None else "")
+
+    def _shared_hessian(self, weight: ir.Value) -> np.ndarray | None:
+        """Mean Hessian of the MatMuls reading ``weight`` (``None`` if one has none)."""
+        found = [self.hessians.get(use.node.name) for use in weight.uses()]
+        if not found or any(h is None for h in found):
+            return None
+        return np.mean(found, axis=0)
+
+    def _integer_weight(
+        self, graph: ir.Graph, anchor: ir.Node, weight: ir.Value, transposed: bool
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """``weight`` (transposed first if asked) as int8 levels, zero point and scale,
+        made once per weight and reused by every reader (rule 4)."""
+        key = (weight.name, transposed)
+        if key not in self._weights:
+            array = weight.const_value.numpy().astype(np.float32)
+            if transposed:
+                array = np.ascontiguousarray(array.T)
+            qp = self._weight_qparams(array, 1 if self.config.per_channel else None)
+            hessian = None if transposed else self._shared_hessian(weight)
+            levels = round_weight(anchor, array, qp, hessian)
+            self._weights[key] = (
+                add_initializer(graph, f"{weight.name}_quantized", levels),
+                add_initializer(graph, f"{weight.name}_zero_point", qp.zero_point),
+                add_initializer(graph, f"{weight.name}_scale", qp.scale),
+            )
+        return self._weights[key]
 
     def _emit_matmul(
         self,
         graph: ir.Graph,
         anchor: ir.Node,
         activation: ir.Value,
-        array: np.ndarray,
-        name: str,
-        hessian: np.ndarray | None = None,
+        weight: ir.Value,
+        *,
+        transposed: bool,
     ) -> ir.Value:
-        """Insert rule 1's chain before ``anchor`` (a MatMul when ``hessian`` is given);
-        returns its float output."""
-        axis = 1 if self.config.per_channel else None
-        qp = self._weight_qparams(array, axis)
-        levels = round_weight(anchor, array, qp, hessian)
-        w_q = _constant(graph, f"{name}_quantized", levels)
-        w_zp = _constant(graph, f"{name}_zero_point", qp.zero_point)
-        w_scale = _constant(graph, f"{name}_scale", qp.scale)
+        """Insert rule 1's chain before ``anchor``; returns its float output."""
+        w_q, w_zp, w_scale = self._integer_weight(graph, anchor, weight, transposed)
+        name = anchor.name or weight.name
         a_q, a_scale, a_zp = (
             _typed(f"{name}_input_{part}", dtype)
             for part, dtype in (("q", ir.DataType.UINT8), ("s", FLOAT), ("zp", ir.DataType.UINT8))
@@ -141,13 +173,13 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if not (is_constant(weight) and is_float32(weight)) or not is_float32(activation):
             return "weight is not a float32 constant"
-        array = weight.const_value.numpy().astype(np.float32)
-        if _int(attrs, "transB"):
-            array = np.ascontiguousarray(array.T)
+        if len(weight.shape) != 2:
+            return "weight is not a 2-D float32 constant"
         output = node.outputs[0]
-        result = self._emit_matmul(graph, node, activation, array, weight.name)
+        transposed = bool(_int(attrs, "transB"))
+        result = self._emit_matmul(graph, node, activation, weight, transposed=transposed)
         if bias is not None:
-            biased = _typed(f"{weight.name}_biased", FLOAT)
+            biased = _typed(f"{node.name or weight.name}_biased", FLOAT)
             graph.insert_before(node, ir.node("Add", [result, bias], outputs=[biased]))
             result = biased
         _take_over(graph, node, output, result)
@@ -175,10 +207,10 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
                 [np.broadcast_to(qp.scale, per_direction[0].scale.shape) for qp in per_direction]
             )
             zero = np.zeros_like(scale, dtype=np.int8)
-            quantized.append(_constant(graph, f"{value.name}_quantized", levels))
+            quantized.append(add_initializer(graph, f"{value.name}_quantized", levels))
             scales += [
-                _constant(graph, f"{value.name}_scale", scale.astype(np.float32)),
-                _constant(graph, f"{value.name}_zero_point", zero),
+                add_initializer(graph, f"{value.name}_scale", scale.astype(np.float32)),
+                add_initializer(graph, f"{value.name}_zero_point", zero),
             ]
         new_inputs = [inputs[0], quantized[0], quantized[1], *inputs[3:8], *scales]
         copied = {k: v for k, v in attrs.items() if k != "layout"}
@@ -229,14 +261,6 @@ def _take_over(graph: ir.Graph, node: ir.Node | None, old: ir.Value, new: ir.Val
 
 def _typed(name: str, dtype: ir.DataType) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype))
-
-
-def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.asarray(array), name=name))
-    value.type = ir.TensorType(value.const_value.dtype)
-    value.shape = ir.Shape(np.asarray(array).shape)
-    graph.register_initializer(value)
-    return value
 
 
 def _ensure_opset(graph: ir.Graph, domain: str) -> None:

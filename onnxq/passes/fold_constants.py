@@ -12,6 +12,7 @@ import onnx_ir.passes.common as common_passes
 from onnx.reference import ReferenceEvaluator
 
 from onnxq.errors import ConfigError
+from onnxq.passes.infer_shapes import InferShapesPass
 from onnxq.passes.opset import default_opset
 
 logger = logging.getLogger(__name__)
@@ -192,12 +193,9 @@ def fold_constants(
 
 
 def shape_inference_pass() -> ir.passes.PassBase:
-    """ONNX shape inference that never raises: per-node errors (custom ops) are skipped.
-
-    ``onnx_ir``'s pass detaches initializers above 1 KB before serialising, so models over 2 GB
-    work; if inference still fails the model is left as it was.
-    """
-    return common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)
+    """ONNX shape inference that never raises and keeps every value type
+    (``onnxq.passes.infer_shapes``)."""
+    return InferShapesPass()
 
 
 def constant_tensor(value: ir.Value) -> ir.TensorProtocol | None:

@@ -26,6 +26,7 @@ import onnx_ir as ir
 
 from onnxq.calibration.weight_ranges import weight_qparams_for
 from onnxq.config import QuantConfig
+from onnxq.passes.naming import add_initializer
 from onnxq.passes.op_rules import OpRule, weight_axis
 from onnxq.passes.opset import default_opset
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
@@ -277,10 +278,7 @@ class _Rewriter:
         self, node: ir.Node, name: str, levels: np.ndarray, qp: QParams, shape: ir.Shape | None
     ) -> ir.Value:
         """Integer initializer ``{name}_quantized`` -> DequantizeLinear, placed before ``node``."""
-        quantized = ir.Value(
-            name=f"{name}_quantized", const_value=ir.tensor(levels, name=f"{name}_quantized")
-        )
-        self._register(quantized)
+        quantized = add_initializer(self.graph, f"{name}_quantized", levels)
         scale, zero_point = self._qparam_values(name, qp)
         dq = ir.Value(
             name=f"{name}_dequantized", shape=shape, type=ir.TensorType(ir.DataType.FLOAT)
@@ -301,25 +299,11 @@ class _Rewriter:
     def _qparam_values(self, owner: str, qp: QParams) -> tuple[ir.Value, ir.Value]:
         key = (owner, qp.scale.tobytes(), qp.zero_point.tobytes())
         if key not in self.qparam_inputs:
-            taken = any(key[0] == owner for key in self.qparam_inputs)
-            suffix = f"_{len(self.qparam_inputs)}" if taken else ""
-            scale = ir.Value(
-                name=f"{owner}_scale{suffix}",
-                const_value=ir.tensor(qp.scale, name=f"{owner}_scale{suffix}"),
+            self.qparam_inputs[key] = (
+                add_initializer(self.graph, f"{owner}_scale", qp.scale),
+                add_initializer(self.graph, f"{owner}_zero_point", qp.zero_point),
             )
-            zp = ir.Value(
-                name=f"{owner}_zero_point{suffix}",
-                const_value=ir.tensor(qp.zero_point, name=f"{owner}_zero_point{suffix}"),
-            )
-            self._register(scale)
-            self._register(zp)
-            self.qparam_inputs[key] = (scale, zp)
         return self.qparam_inputs[key]
-
-    def _register(self, value: ir.Value) -> None:
-        value.type = ir.TensorType(value.const_value.dtype)
-        value.shape = ir.Shape(value.const_value.shape)
-        self.graph.register_initializer(value)
 
     def drop_unused_initializers(self) -> None:
         for name, value in list(self.graph.initializers.items()):

@@ -78,7 +78,12 @@ class QuantPlan:
 
 
 def is_float32(value: ir.Value | None) -> bool:
-    return value is not None and value.dtype == ir.DataType.FLOAT
+    """A float32 tensor (a sequence, map or optional of float32 is not one)."""
+    return (
+        value is not None
+        and isinstance(value.type, ir.TensorType)
+        and value.dtype == ir.DataType.FLOAT
+    )
 
 
 def is_constant(value: ir.Value | None) -> bool:
@@ -162,12 +167,17 @@ def plan_quantization(
     plan.activations, shared = _share_through_pass_through(graph, needed, points, skip, decided)
     plan.int8_produced = points | shared
     plan.decisions = [decided[id(n)] for n in graph if id(n) in decided]
-    plan.decisions += [
+    plan.decisions += subgraph_decisions(graph)
+    return plan
+
+
+def subgraph_decisions(graph: ir.Graph) -> list[NodeDecision]:
+    """Every mode leaves If/Loop/Scan bodies float: one decision per quantizable op there."""
+    return [
         NodeDecision(node_label(n, i), n.op_type, False, "inside a subgraph (If/Loop/Scan body)")
         for i, n in enumerate(_subgraph_nodes(graph))
         if n.op_type in QUANTIZABLE_OPS
     ]
-    return plan
 
 
 @dataclass(frozen=True)
@@ -347,3 +357,19 @@ def _subgraph_nodes(graph: ir.Graph) -> list[ir.Node]:
                 for sub in attr.as_graphs():
                     nodes.extend(sub.all_nodes())
     return nodes
+
+
+def non_tensor_note(model: ir.Model) -> list[str]:
+    """A note naming the values that are not tensors (sequences, maps, optionals): no rule
+    quantizes them, so they and the ops between them stay float."""
+    found = [
+        (value.name, type(value.type).__name__.removesuffix("Type").lower())
+        for graph in model.graphs()
+        for value in [*graph.inputs, *(out for node in graph for out in node.outputs)]
+        if value.type is not None and not isinstance(value.type, ir.TensorType)
+    ]
+    if not found:
+        return []
+    shown = ", ".join(f"{name} ({kind})" for name, kind in found[:5])
+    more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+    return [f"left float: {len(found)} non-tensor values, {shown}{more}"]

@@ -12,12 +12,9 @@ import onnx_ir.passes.common as common_passes
 
 from onnxq.passes.canonicalize import SpatialMeanToGlobalPoolPass
 from onnxq.passes.fold_batchnorm import FoldBatchNormPass, fold_batchnorm
-from onnxq.passes.fold_constants import (
-    DEFAULT_MAX_SIZE,
-    FoldConstantsPass,
-    fold_constants,
-    shape_inference_pass,
-)
+from onnxq.passes.fold_constants import DEFAULT_MAX_SIZE, FoldConstantsPass, fold_constants
+from onnxq.passes.half_precision import UpcastHalfPass
+from onnxq.passes.infer_shapes import InferShapesPass, infer_shapes
 from onnxq.passes.opset import (
     CheckDomainsPass,
     UpgradeOpsetPass,
@@ -40,27 +37,6 @@ __all__ = [
     "prepare",
     "upgrade_opset",
 ]
-
-
-class InferShapesPass(ir.passes.InPlacePass):
-    """Fill in value shapes and dtypes with ONNX shape inference (data propagation on).
-
-    Cases:
-
-    1. Inference succeeds: every value's shape/dtype is set from it (subgraphs included).
-    2. A node inference cannot handle (custom domain, unknown op): skipped, the rest still
-       inferred (non-strict mode).
-    3. Inference fails as a whole: the model is left unchanged, nothing raises. Large
-       initializers are detached while serialising, so models over 2 GB are handled.
-    """
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return shape_inference_pass()(model)
-
-
-def infer_shapes(model: ir.Model) -> ir.Model:
-    """Infer shapes and dtypes of ``model``'s values in place (never raises); return it."""
-    return InferShapesPass()(model).model
 
 
 class RemoveInitializerInputsPass(ir.passes.InPlacePass):
@@ -91,13 +67,14 @@ class PreparePass(ir.passes.FunctionalPass):
     Cases, in order, on a copy of the model (tensors are shared, never written):
 
     1. Unknown op domains: ``UnsupportedModelError`` (``CheckDomainsPass``).
-    2. Default-domain opset below ``min_opset``: upgraded (``UpgradeOpsetPass``).
-    3. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
-    4. Constant subgraphs folded into initializers (``FoldConstantsPass``).
-    5. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
-    6. Shapes inferred (``InferShapesPass``).
-    7. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
-    8. Every node and value gets a unique name (nodes are reported and selected by name);
+    2. float16/bfloat16 computed in float32 inside the same interface (``UpcastHalfPass``).
+    3. Default-domain opset below ``min_opset``: upgraded (``UpgradeOpsetPass``).
+    4. Initializers listed as graph inputs become plain weights (``RemoveInitializerInputsPass``).
+    5. Constant subgraphs folded into initializers (``FoldConstantsPass``).
+    6. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
+    7. Shapes inferred (``InferShapesPass``).
+    8. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
+    9. Every node and value gets a unique name (nodes are reported and selected by name);
        graphs and functions sorted topologically.
     """
 
@@ -105,6 +82,7 @@ class PreparePass(ir.passes.FunctionalPass):
         super().__init__()
         # Built (and validated) up front so a bad option fails before any work.
         self._passes: tuple[ir.passes.InPlacePass, ...] = (
+            UpcastHalfPass(),
             UpgradeOpsetPass(min_opset),
             RemoveInitializerInputsPass(),
             FoldConstantsPass(max_size),

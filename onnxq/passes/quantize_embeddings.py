@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.config import QuantType
+from onnxq.passes.naming import add_initializer
 from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
 from onnxq.qparams import quantize, weight_qparams
 
@@ -39,8 +40,8 @@ class QuantizeEmbeddingsPass(ir.passes.InPlacePass):
             array = table.const_value.numpy().astype(np.float32)
             qp = weight_qparams(array, QuantType.INT8, axis=0, symmetric=True)
             name = table.name
-            q_table = _initializer(graph, f"{name}_quantized", quantize(array, qp))
-            scales = _initializer(graph, f"{name}_row_scale", qp.scale.reshape(-1, 1))
+            q_table = add_initializer(graph, f"{name}_quantized", quantize(array, qp))
+            scales = add_initializer(graph, f"{name}_row_scale", qp.scale.reshape(-1, 1))
             rows = ir.Value(name=f"{name}_rows_int8")
             row_scale = ir.Value(name=f"{name}_rows_scale")
             as_float = ir.Value(name=f"{name}_rows_float")
@@ -89,11 +90,3 @@ def _is_embedding(node: ir.Node) -> bool:
         return False
     shape = table.const_value.shape
     return len(shape) == 2 and shape[0] * shape[1] >= MIN_ELEMENTS and len(table.uses()) == 1
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(value.const_value.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value

@@ -222,8 +222,10 @@ def test_dynamic_mode_needs_no_data(cnn_path, tmp_path):
     assert any(d["op_type"] == "Gemm" and d["quantized"] for d in report["decisions"])
 
 
-def test_target_options_need_eval_data(cnn_path, calib_npz, tmp_path):
+def test_target_options_need_static_calibration(cnn_path, calib_npz, tmp_path):
     out = tmp_path / "q.onnx"
-    result = _invoke("quantize", cnn_path, "-o", out, "--calib", calib_npz, "--min-cosine", "0.9")
+    result = _invoke("quantize", cnn_path, "-o", out, "--calib", calib_npz, "--eval", calib_npz)
     _expect_error(result, "--eval")
+    dynamic = _invoke("quantize", cnn_path, "-o", out, "--mode", "dynamic", "--min-sqnr", "20")
+    _expect_error(dynamic, "--calib")
     assert not out.exists()

@@ -36,6 +36,7 @@ def test_static_int8_keeps_embeddings_and_shrinks_the_file(minilm):
     cosine = cosine_per_sample(reference, run(result.model, evaluation)[0])
     assert cosine.mean() >= 0.99 and cosine.min() >= 0.97
     assert result.model.ByteSize() <= 0.27 * path.stat().st_size
+    assert result.report.quality["cosine"] > 0.99 and not result.report.warnings
 
 
 @pytest.mark.slow
@@ -45,6 +46,7 @@ def test_dynamic_int8_with_smoothing(minilm):
     cosine = cosine_per_sample(reference, run(result.model, evaluation)[0])
     assert cosine.mean() >= 0.995
     assert result.model.ByteSize() <= 0.27 * path.stat().st_size
+    assert result.report.quality["cosine"] > 0.99 and not result.report.warnings
 
 
 @pytest.mark.slow
