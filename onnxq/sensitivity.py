@@ -33,8 +33,8 @@ from onnxq.calibration.collect import augment_outputs, graph_session
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
-from onnxq.executor import Executor, local_executor
 from onnxq.evaluate import sqnr_db
+from onnxq.executor import Executor, local_executor
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
