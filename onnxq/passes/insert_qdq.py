@@ -48,8 +48,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         *,
         hessians: Mapping[str, np.ndarray] | None = None,
         rounded: dict | None = None,
+        weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
     ) -> None:
         super().__init__()
+        self.weight_qparams = weight_qparams or {}
         self.rounded = {} if rounded is None else rounded
         self.plan = plan
         self.activation_qparams = activation_qparams
@@ -70,6 +72,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self.hessians,
             self.rounded,
             activation_domain,
+            self.weight_qparams,
         )
         int8_readers = {id(node) for node, _ in self.plan.nodes} | {
             id(node)
@@ -94,12 +97,15 @@ def insert_qdq(
     *,
     hessians: Mapping[str, np.ndarray] | None = None,
     rounded: dict | None = None,
+    weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
 ) -> ir.Model:
     """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it).
 
     ``hessians`` maps node names to ``E[x x^T]`` of their input; those nodes' weights get
     GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest. ``rounded``,
     when given, memoises the integer weights across calls (variants of one model).
+    ``weight_qparams`` maps ``(node name, input index)`` to the qparams that weight must use
+    (e.g. scales learned by quantization-aware training) instead of its own min-max or MSE ones.
     """
     insert = InsertQDQPass(
         plan,
@@ -107,6 +113,7 @@ def insert_qdq(
         config,
         hessians=hessians,
         rounded=rounded,
+        weight_qparams=weight_qparams,
     )
     return insert(model).model
 
@@ -122,8 +129,10 @@ class _Rewriter:
         hessians: Mapping[str, np.ndarray],
         rounded: dict,
         activation_domain: str = "",
+        weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
     ) -> None:
         self.graph = graph
+        self.given_weight_qparams = weight_qparams or {}
         self.hessians = hessians
         self.rounded = rounded
         self.activation_qparams = activation_qparams
@@ -225,7 +234,7 @@ class _Rewriter:
         axis = weight_axis(node, index, array.ndim) if per_channel else None
         symmetric = self.config.weight_type.signed
         weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
-        qp = weight_qparams(
+        qp = self.given_weight_qparams.get((node.name, index)) or weight_qparams(
             array,
             self.config.weight_type,
             axis=axis,
