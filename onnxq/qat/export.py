@@ -6,11 +6,11 @@ plan with the learned qparams frozen: activation scales per root tensor, weight 
 same Q/DQ placement, integer types and fused int8 kernels as ``onnxq quantize``.
 
 Check (with ``example_inputs``): ONNX Runtime runs the written model twice, without graph
-optimisation (Q/DQ as float arithmetic: the fake-quant graph) and with the default one (the
-fused int8 kernels), and each must agree with the module within ``tolerance_steps`` output
-quantization steps. A float output has no step of its own: the tolerance is then measured in
-steps of the last quantized tensor before it... which is not known in general, so it is taken
-as ``tolerance_steps`` times the output's range over 255.
+optimisation (Q/DQ as float arithmetic: the fake-quant graph) and with its default one (the
+fused int8 kernels); every output must stay within ``tolerance_steps`` (default 2) steps of
+``range / 255`` of the module's, ``range`` being the span of the module's outputs: the
+resolution of an 8-bit tensor holding them. Measured on the digits CNNs: 0 unfused (the same
+float32 arithmetic), under 0.2 steps fused.
 """
 
 from __future__ import annotations

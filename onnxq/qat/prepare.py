@@ -38,7 +38,7 @@ def prepare_qat(
     config: QuantConfig | None = None,
     *,
     target: str = DEFAULT_TARGET,
-    learn_scales: bool = False,
+    learn_scales: bool = True,
 ) -> Any:
     """A trainable ``QATModule`` of ``model`` with fake quantization where onnxq quantizes.
 
@@ -49,8 +49,10 @@ def prepare_qat(
             names, or a DataLoader whose batches start with the inputs (labels may follow).
         config: the quantization settings (default ``QuantConfig(target=target)``).
         target: the deployment target when ``config`` does not name another one.
-        learn_scales: LSQ: activation and weight scales are trained too (else they stay at
-            onnxq's post-training values and only the weights and biases learn).
+        learn_scales: LSQ: activation and weight scales are trained too (default; on the
+            depthwise digits CNN with per-tensor 7-bit weights it recovers 2-3 points more than
+            a plain STE); ``False`` keeps onnxq's post-training scales and trains only the
+            weights and biases.
     """
     import torch
 
@@ -116,7 +118,11 @@ def _leading_inputs(data: Any, names: list[str]) -> Any:
     def batches() -> Iterator[Any]:
         for batch in data:
             items = batch if isinstance(batch, (tuple, list)) else (batch,)
-            yield batch if isinstance(batch, Mapping) else dict(zip(names, items[: len(names)]))
+            yield (
+                batch
+                if isinstance(batch, Mapping)
+                else dict(zip(names, items[: len(names)], strict=False))
+            )
 
     return _Reiterable(batches)
 

@@ -22,9 +22,9 @@ def finetune(
 
     A batch is ``(inputs..., target)``: every item but the last goes to the module, and
     ``loss_fn(output, target)`` is minimised. The learning rate follows a cosine from ``lr``
-    to 0 over all steps; learnable scales (LSQ) use ``scale_lr`` (default ``lr``) and no weight
-    decay (a module's ``scale_parameters()``). ``on_epoch(epoch, mean loss)`` follows progress. The seed fixes torch's global RNG
-    (a shuffling DataLoader without its own generator draws from it).
+    to 0 over all steps; learnable scales (a module's ``scale_parameters()``) use ``scale_lr``
+    (default ``lr``) and no weight decay. ``on_epoch(epoch, mean loss)`` follows progress. The
+    seed fixes torch's global RNG (a shuffling DataLoader without its own generator uses it).
     """
     import torch
 
