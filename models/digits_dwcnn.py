@@ -3,7 +3,10 @@
 ``float [N, 1, 8, 8]`` in [0, 1] -> 10 logits. Depthwise convolutions with BatchNorm folded
 into them have very different ranges per output channel, the classic case where per-tensor
 int8 weights lose accuracy after training and quantization-aware training wins it back
-(Krishnamoorthi 2018).
+(Krishnamoorthi 2018). Trained with ``lr=0.03`` (the default here, seed 0), one channel of the
+last pointwise block's input dies (always 0 after ReLU6): BatchNorm's running variance there is
+~0, so folding scales that depthwise channel's weights to ~140x the median channel's. Its
+output does not depend on them, but a per-tensor weight range does.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def train_digits_dwcnn(
     *,
     epochs: int = 30,
     batch_size: int = 64,
-    lr: float = 3e-3,
+    lr: float = 3e-2,
     seed: int = 0,
 ) -> DigitsDepthwiseCNN:
     """Train with AdamW and a one-cycle schedule (deterministic); returns it in eval mode."""

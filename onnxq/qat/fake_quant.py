@@ -17,6 +17,9 @@ Backward:
    exactly the post-training ``s0`` before training.
 4. Int32 biases (``scale = input_scale * weight_scale``) are fake-quantized too, so the module
    computes what ONNX Runtime's int8 kernels compute.
+5. A learned scale may have a ceiling (``max_scale``): where the quantized tensor is a Clip's
+   output, the Q's range ``[(qmin - z) s, (qmax - z) s]`` must stay inside the Clip's bounds,
+   or ONNX Runtime keeps the Clip and cannot fuse the int8 kernel (``clip_scale_ceiling``).
 """
 
 from __future__ import annotations
@@ -78,9 +81,13 @@ class FakeQuantize(nn.Module):
         qmax: int,
         *,
         learn_scale: bool = False,
+        max_scale: float | None = None,
     ) -> None:
         super().__init__()
         scale = torch.as_tensor(np.asarray(qparams.scale, dtype=np.float32).copy())
+        if max_scale is not None:  # never below the post-training scale (rule 5)
+            max_scale = max(float(max_scale), float(scale.max()))
+        self.max_scale = max_scale
         zero = torch.as_tensor(np.asarray(qparams.zero_point).astype(np.float32))
         self.register_buffer("initial_scale", scale)
         self.register_buffer("zero_point", zero)
@@ -96,8 +103,9 @@ class FakeQuantize(nn.Module):
 
     @property
     def scale(self) -> torch.Tensor:
-        """The current scale ``s0 * exp(t)`` (exactly ``s0`` while ``t`` is 0)."""
-        return (self.initial_scale * torch.exp(self.log_gain)).clamp_min(TINY_SCALE)
+        """The current scale ``s0 * exp(t)`` (exactly ``s0`` while ``t`` is 0), clamped to
+        ``[TINY_SCALE, max_scale]``."""
+        return (self.initial_scale * torch.exp(self.log_gain)).clamp(TINY_SCALE, self.max_scale)
 
     def broadcast(self, value: torch.Tensor, ndim: int) -> torch.Tensor:
         """A per-channel vector shaped to broadcast along ``axis`` of an ``ndim`` tensor."""
@@ -127,6 +135,27 @@ class FakeQuantize(nn.Module):
         scale = self.scale.detach().cpu().numpy().astype(np.float32)
         zero = self.zero_point.detach().cpu().numpy().astype(self.zero_dtype)
         return QParams(scale, zero, self.axis, self.bounds)
+
+
+def clip_scale_ceiling(
+    low: float | None, high: float | None, qmin: int, qmax: int, zero_point: int
+) -> float | None:
+    """The largest float32 scale whose Q range ``[(qmin - z) s, (qmax - z) s]`` stays inside
+    ``[low, high]`` (rule 5): ``s <= high / (qmax - z)``, and ``s <= low / (qmin - z)`` for a
+    negative ``low``. Bounds the range cannot meet (a Relu's 0 with a signed zero point 0) or
+    that are absent impose nothing; ``None`` when nothing is imposed."""
+    ceilings = []
+    if high is not None and np.isfinite(high) and high > 0 and qmax > zero_point:
+        ceilings.append((high, qmax - zero_point))
+    if low is not None and np.isfinite(low) and low < 0 and qmin < zero_point:
+        ceilings.append((low, qmin - zero_point))
+    best = None
+    for bound, steps in ceilings:
+        scale = np.float32(bound / steps)
+        while abs(np.float32(steps) * scale) > abs(np.float32(bound)):  # float32 as ORT checks
+            scale = np.nextafter(scale, np.float32(0))
+        best = float(scale) if best is None else min(best, float(scale))
+    return best
 
 
 def fake_quantize_bias(

@@ -16,6 +16,9 @@ Rules:
 4. Every other node runs its ``onnxq.qat.ops`` implementation; an op without one is refused
    (``UnsupportedModelError`` naming the op and node). Float constants stay fixed buffers.
 5. Initial scales and zero points are read from the QDQ graph: onnxq's post-training qparams.
+6. A learnable activation scale of a Relu/Clip output is capped so its Q range stays inside
+   the Clip's bounds (``fake_quant.clip_scale_ceiling``): ONNX Runtime then still drops the
+   Clip and fuses the int8 kernel, as it does for the post-training model.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from onnxq.config import QuantConfig
 from onnxq.errors import UnsupportedModelError
 from onnxq.passes.op_rules import QUANTIZABLE_OPS
 from onnxq.passes.plan import QuantPlan
-from onnxq.qat.fake_quant import FakeQuantize, fake_quantize_bias
+from onnxq.qat.fake_quant import FakeQuantize, clip_scale_ceiling, fake_quantize_bias
 from onnxq.qat.ops import OPS, OpFn
 from onnxq.qparams import QParams, integer_bounds
 
@@ -230,13 +233,35 @@ class _Builder:
         if root not in self.roots:
             qp = _qparams(q)
             qmin, qmax = (int(b) for b in _type_bounds(qp.zero_point.dtype))
+            low, high = self._clip_bounds(root)
+            ceiling = clip_scale_ceiling(low, high, qmin, qmax, int(qp.zero_point))
             self.roots.append(root)
-            self.activation_fq.append(FakeQuantize(qp, qmin, qmax, learn_scale=self.learn_scales))
+            self.activation_fq.append(
+                FakeQuantize(qp, qmin, qmax, learn_scale=self.learn_scales, max_scale=ceiling)
+            )
         index = self.roots.index(root)
         output = dq.outputs[0].name
         self.dequantized[output] = index
         self.steps.append(_Step(q.name, (name,), (output,), quantizer=index))
         return dq
+
+    def _clip_bounds(self, root: str) -> tuple[float | None, float | None]:
+        """Constant bounds of the Relu/Clip that produces ``root`` in the float graph (rule 6),
+        or ``(None, None)``."""
+        value = next(
+            (o for node in self.float_nodes.values() for o in node.outputs if o.name == root),
+            None,
+        )
+        producer = value.producer() if value is not None else None
+        if producer is None or producer.op_type not in ("Relu", "Clip"):
+            return None, None
+        if producer.op_type == "Relu":
+            return 0.0, None
+        bounds = [
+            float(v.const_value.numpy()) if _is_constant(v) else None
+            for v in [*producer.inputs[1:3], None, None][:2]
+        ]
+        return bounds[0], bounds[1]
 
     # -- weights and biases ------------------------------------------------------------------
     def _float_constant(self, dq: ir.Node) -> tuple[str, list[tuple[str, int]]]:
