@@ -7,7 +7,8 @@ Rewrite rules (``InsertQDQPass``):
    value. Graph outputs keep the float tensor unless ``quantize_outputs``.
 2. Weight ``W`` -> int8 (or uint8) initializer -> ``DequantizeLinear`` (``axis`` when
    per-channel and the target allows it for the op). The float initializer is dropped once
-   nothing else reads it, so the file shrinks about 4x.
+   nothing else reads it, so the file shrinks about 4x. Weight qparams given by the caller
+   (``weight_qparams``: scales learned by QAT) replace the computed min-max/MSE ones.
 3. Conv/Gemm bias ``b`` -> int32 initializer with ``scale = input_scale * weight_scale``,
    zero point 0 -> ``DequantizeLinear``, where the target's bias form is int32 (else it stays
    float). Weight scales are raised first where the int32 bias would overflow.
