@@ -224,7 +224,7 @@ def gather(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     axis = int(attrs.get("axis", 0)) % data.ndim
     index = torch.where(index < 0, index + data.shape[axis], index)
     flat = torch.index_select(data, axis, index.reshape(-1))
-    return flat.reshape(*data.shape[:axis], *index.shape, *data.shape[axis + 1 :])
+    return flat.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1 :]))
 
 
 def shape(inputs: Inputs, attrs: Attrs) -> torch.Tensor:

@@ -185,3 +185,17 @@ def test_export_refuses_other_modules(cnn, tmp_path) -> None:
         export_qat(cnn, tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
     assert QATModule is not None
+
+
+def test_transformer_runs_and_exports(tmp_path) -> None:
+    """A small encoder (Gather, LayerNorm, attention MatMuls, Softmax, shape ops): the module
+    reproduces onnxq's PTQ model and the export reproduces the module."""
+    from torch_models import SEQ, VOCAB, TinyEncoder
+
+    model = TinyEncoder().eval()
+    ids = torch.randint(0, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(0))
+    module = prepare_qat(model, ids[:2], {"ids": ids.numpy()})
+    assert len(module.weight_quantizers) >= 8
+    proto = export_qat(module, tmp_path / "enc.onnx", example_inputs=ids)
+    check = check_export(module, proto, ids)
+    assert check.fake_quant_error <= check.bound and check.fused_error <= check.bound
