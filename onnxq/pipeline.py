@@ -31,7 +31,7 @@ from onnxq.model_io import input_specs, is_large, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.insert_qdq import insert_qdq
-from onnxq.passes.plan import NodeDecision, non_tensor_note, plan_quantization
+from onnxq.passes.plan import NodeDecision, QuantPlan, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
@@ -226,11 +226,7 @@ def build_quantized(
     from a prepared float model (rewritten in place), its calibration and a resolved config.
     ``rounded`` memoises integer weights across calls, so variants of one model round each
     weight once."""
-    skip = set(calibration.uncalibrated)
-    plan = plan_quantization(float_model, config, skip_tensors=skip)
-    while missing := set(plan.roots) - set(calibration.observers):  # not observed: stay float
-        skip |= missing
-        plan = plan_quantization(float_model, config, skip_tensors=skip)
+    plan, _ = calibrated_plan(float_model, calibration, config)
     qparams = {
         root: activation_qparams(calibration.observer(root, config.method), config)
         for root in plan.roots
@@ -251,6 +247,19 @@ def build_quantized(
     if config.quantize_embeddings:
         decisions += quantize_embeddings(quantized)
     return finish(quantized, config), decisions
+
+
+def calibrated_plan(
+    float_model: ir.Model, calibration: Calibration, config: QuantConfig
+) -> tuple[QuantPlan, frozenset[str]]:
+    """The plan restricted to tensors the calibration saw finite values of, and the tensors
+    it had to leave float for that (replanning with them skipped gives the same plan)."""
+    skip = set(calibration.uncalibrated)
+    plan = plan_quantization(float_model, config, skip_tensors=skip)
+    while missing := set(plan.roots) - set(calibration.observers):  # not observed: stay float
+        skip |= missing
+        plan = plan_quantization(float_model, config, skip_tensors=skip)
+    return plan, frozenset(skip)
 
 
 def prepare_float(

@@ -7,7 +7,8 @@ Rewrite rules (``InsertQDQPass``):
    value. Graph outputs keep the float tensor unless ``quantize_outputs``.
 2. Weight ``W`` -> int8 (or uint8) initializer -> ``DequantizeLinear`` (``axis`` when
    per-channel and the target allows it for the op). The float initializer is dropped once
-   nothing else reads it, so the file shrinks about 4x.
+   nothing else reads it, so the file shrinks about 4x. Weight qparams given by the caller
+   (``weight_qparams``: scales learned by QAT) replace the computed min-max/MSE ones.
 3. Conv/Gemm bias ``b`` -> int32 initializer with ``scale = input_scale * weight_scale``,
    zero point 0 -> ``DequantizeLinear``, where the target's bias form is int32 (else it stays
    float). Weight scales are raised first where the int32 bias would overflow.
@@ -49,8 +50,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         *,
         hessians: Mapping[str, np.ndarray] | None = None,
         rounded: dict | None = None,
+        weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
     ) -> None:
         super().__init__()
+        self.weight_qparams = weight_qparams or {}
         self.rounded = {} if rounded is None else rounded
         self.plan = plan
         self.activation_qparams = activation_qparams
@@ -71,6 +74,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             self.hessians,
             self.rounded,
             activation_domain,
+            self.weight_qparams,
         )
         int8_readers = {id(node) for node, _ in self.plan.nodes} | {
             id(node)
@@ -95,12 +99,15 @@ def insert_qdq(
     *,
     hessians: Mapping[str, np.ndarray] | None = None,
     rounded: dict | None = None,
+    weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
 ) -> ir.Model:
     """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it).
 
     ``hessians`` maps node names to ``E[x x^T]`` of their input; those nodes' weights get
     GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest. ``rounded``,
     when given, memoises the integer weights across calls (variants of one model).
+    ``weight_qparams`` maps ``(node name, input index)`` to the qparams that weight must use
+    (e.g. scales learned by quantization-aware training) instead of its own min-max or MSE ones.
     """
     insert = InsertQDQPass(
         plan,
@@ -108,6 +115,7 @@ def insert_qdq(
         config,
         hessians=hessians,
         rounded=rounded,
+        weight_qparams=weight_qparams,
     )
     return insert(model).model
 
@@ -123,8 +131,10 @@ class _Rewriter:
         hessians: Mapping[str, np.ndarray],
         rounded: dict,
         activation_domain: str = "",
+        weight_qparams: Mapping[tuple[str, int], QParams] | None = None,
     ) -> None:
         self.graph = graph
+        self.given_weight_qparams = weight_qparams or {}
         self.hessians = hessians
         self.rounded = rounded
         self.activation_qparams = activation_qparams
@@ -226,7 +236,7 @@ class _Rewriter:
         axis = weight_axis(node, index, array.ndim) if per_channel else None
         symmetric = self.config.weight_type.signed
         weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
-        qp = weight_qparams(
+        qp = self.given_weight_qparams.get((node.name, index)) or weight_qparams(
             array,
             self.config.weight_type,
             axis=axis,
