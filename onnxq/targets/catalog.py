@@ -117,6 +117,7 @@ TARGETS: dict[str, Target] = {
             quantized_ops=WEIGHTED_OPS | {"Add"},
             per_channel_ops=WEIGHTED_OPS,
             float_output_ops=WEIGHTED_OPS,
+            reduce_range=True,
             bias=BiasForm.FLOAT,
             forbidden_ops=ORT_KERNELS,
             modes=frozenset({QuantMode.STATIC, QuantMode.WEIGHT_ONLY}),
