@@ -30,6 +30,7 @@ from onnxq.isa import cpu_features
 from onnxq.model_io import input_specs, is_large, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
+from onnxq.passes.infer_shapes import drop_value_info
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import NodeDecision, QuantPlan, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
@@ -347,10 +348,12 @@ def refuse_quantized(model: onnx.ModelProto) -> None:
 def finish(
     model: ir.Model, config: QuantConfig, mode: QuantMode = QuantMode.STATIC
 ) -> onnx.ModelProto:
-    """Weights left float back in the model's half type (if it had one), serialise, record
-    provenance, and check with ``full_check`` (a failure is our bug)."""
+    """Weights left float back in the model's half type (if it had one), serialise without
+    intermediate shapes, record provenance, and check with ``full_check`` (a failure is our
+    bug)."""
     store_half_weights(model)
     out = ir.to_proto(model)
+    drop_value_info(out)
     stamp_provenance(out, config, mode)
     if is_large(out):  # cannot be serialised for the checker: save_model checks its files
         return out

@@ -4,12 +4,29 @@ Rewrite rule (``SpatialMeanToGlobalPoolPass``): ``ReduceMean`` over every spatia
 ``N, C, spatial...`` tensor (axes ``2..rank-1``, as an attribute or a constant input) becomes
 ``GlobalAveragePool``; with ``keepdims = 0`` a ``Flatten`` follows (``N, C``). Exporters emit
 either form for the same ``AdaptiveAvgPool2d(1)`` (the dynamo exporter prefers ReduceMean), and
-only GlobalAveragePool has an int8 kernel.
+only GlobalAveragePool has an int8 kernel. A rank-3 tensor is ``N, C, L`` only when a
+channel-first op made it (through elementwise activations): a mean over the last axis of a
+``batch, sequence, width`` activation is a normalisation, which ONNX Runtime fuses into
+LayerNormalization only while it stays a ReduceMean.
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
+
+CHANNEL_FIRST_OPS = frozenset(
+    {
+        "Conv",
+        "ConvTranspose",
+        "MaxPool",
+        "AveragePool",
+        "BatchNormalization",
+        "InstanceNormalization",
+    }
+)
+ELEMENTWISE_OPS = frozenset(
+    {"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Add", "Mul"}
+)
 
 
 class SpatialMeanToGlobalPoolPass(ir.passes.InPlacePass):
@@ -50,7 +67,7 @@ def _spatial_mean_axes(node: ir.Node) -> list[int] | None:
     if data is None or data.shape is None or data.dtype != ir.DataType.FLOAT:
         return None
     rank = len(data.shape)
-    if rank < 3:
+    if rank < 3 or (rank == 3 and not _made_channel_first(data)):
         return None
     if "axes" in node.attributes:
         axes = list(node.attributes["axes"].as_ints())
@@ -63,3 +80,11 @@ def _spatial_mean_axes(node: ir.Node) -> list[int] | None:
         return None
     axes = sorted(a % rank for a in axes)
     return axes if axes == list(range(2, rank)) else None
+
+
+def _made_channel_first(value: ir.Value) -> bool:
+    """Whether a channel-first op produced ``value``, through elementwise ops."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in ELEMENTWISE_OPS and producer.inputs:
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    return producer is not None and producer.op_type in CHANNEL_FIRST_OPS

@@ -73,7 +73,8 @@ class PreparePass(ir.passes.FunctionalPass):
     5. Constant subgraphs folded into initializers (``FoldConstantsPass``).
     6. ``Conv``/``ConvTranspose -> BatchNormalization`` folded (``FoldBatchNormPass``).
     7. Shapes inferred (``InferShapesPass``).
-    8. ``ReduceMean`` over all spatial axes becomes ``GlobalAveragePool`` (an int8 kernel).
+    8. ``ReduceMean`` over all spatial axes of a channel-first tensor becomes
+       ``GlobalAveragePool`` (an int8 kernel).
     9. Every node and value gets a unique name (nodes are reported and selected by name);
        graphs and functions sorted topologically.
     """

@@ -48,3 +48,22 @@ def test_channel_mean_is_left_alone():
         g (float[N, 4, 5, 6] x) => (float[N, 1, 5, 6] y) { y = ReduceMean <axes = [1]> (x) }""")
     prepared = ir.to_proto(prepare(ir.from_proto(model)))
     assert [n.op_type for n in prepared.graph.node] == ["ReduceMean"]
+
+
+RANK3 = """
+    <ir_version: 8, opset_import: ["" : 13]>
+    g (float[N, 4, 6] x, float[4, 4, 1] w, float[6, 6] m) => (float[N, 4, 1] y) {{
+        h = {producer}
+        a = Relu(h)
+        y = ReduceMean <axes = [2]> (a)
+    }}"""
+
+
+@pytest.mark.parametrize(
+    "producer, pooled", [("Conv(x, w)", True), ("MatMul(x, m)", False)], ids=["conv1d", "matmul"]
+)
+def test_rank3_mean_pooled_only_after_a_channel_first_op(producer, pooled):
+    """``N, C, L`` from a Conv1d is pooled; ``batch, sequence, width`` (a norm's mean) is not."""
+    model = onnx.parser.parse_model(RANK3.format(producer=producer))
+    ops = [n.op_type for n in ir.to_proto(prepare(ir.from_proto(model))).graph.node]
+    assert ("GlobalAveragePool" in ops) == pooled and ("ReduceMean" in ops) != pooled
