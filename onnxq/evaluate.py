@@ -54,6 +54,9 @@ from onnxq.runtime import (
     make_session,
 )
 from onnxq.saturation import saturation_risk
+from onnxq.targets import Target, get_target
+from onnxq.targets.check import check_model
+from onnxq.targets.sessions import TargetRuntime
 
 PathLike = str | os.PathLike[str]
 Feed = dict[str, np.ndarray]
@@ -307,10 +310,14 @@ def compare(
     intra_op_threads: int | None = None,
     measure_memory: bool = True,
     max_seconds: float | None = None,
+    target: str | Target | None = None,
     on_batch: Callable[[int], None] | None = None,
     on_run: Callable[[str, int, int], None] | None = None,
 ) -> ComparisonResult:
     """Measure fp32 and each quantized model on ``provider`` (see the module docstring).
+
+    With ``target``, models run in that target's runtime where this machine has it
+    (``onnxq.targets.sessions``), and each quantized model is checked against its rules.
 
     ``data`` is any source ``open_feeds`` accepts, read once. ``throughput_runs`` defaults to
     ``max(3, latency_runs // 10)``. ``on_batch(samples)`` follows the accuracy pass,
@@ -337,6 +344,8 @@ def compare(
     models = [_describe(fp32_path, fp32_proto)]
     del fp32_proto
     risks: list[tuple[str, str]] = []  # models whose int8 weights saturate without VNNI
+    runtime = None if target is None else TargetRuntime(get_target(target), chosen)
+    target_notes = [] if runtime is None else [runtime.note()]
     for path in quantized_paths:
         proto = load_model(path)
         _check_same_interface(models[0], specs, path, proto)
@@ -344,9 +353,18 @@ def compare(
         risk = saturation_risk(proto)
         if risk is not None:
             risks.append((models[-1].name, risk.describe()))
+        if runtime is not None:
+            target_notes.append(_conformance(models[-1].name, proto, runtime.target))
     _unique_names(models)
-    for model in models:
-        model.session = make_session(model.path, chosen, intra_op_threads=intra_op_threads)
+    run_paths = [
+        m.path if runtime is None else runtime.model_path(m.path, reference=i == 0)
+        for i, m in enumerate(models)
+    ]
+    for model, path in zip(models, run_paths, strict=True):
+        if runtime is None:
+            model.session = make_session(path, chosen, intra_op_threads=intra_op_threads)
+        else:
+            model.session = runtime.open(path, intra_op_threads)
 
     feeds = open_feeds(data, specs, batch_size=batch_size, max_samples=max_samples)
     samples, accuracies, first_feeds = _accuracy_pass(
@@ -360,15 +378,17 @@ def compare(
 
     one, one_batch = _latency_feed(first_feeds, specs)
     many, many_batch = _throughput_feed(first_feeds, specs, throughput_batch)
-    notes: list[str] = []
+    notes = target_notes
     if chosen is Provider.CUDA:
         notes.append(CUDA_NOTE)
     elif cpu_features().u8s8_saturates:
         notes += [U8S8_NOTE.format(name=name, risk=risk) for name, risk in risks]
     peaks: list[int | None] = [None] * len(models)
-    if measure_memory:
+    if measure_memory and runtime is not None and not runtime.measures_memory:
+        notes.append(f"peak memory not measured in {runtime.target.runtime}")
+    elif measure_memory:
         peaks = session_peak_memory(
-            [m.path for m in models],
+            run_paths,
             [m.name for m in models],
             [one, many],
             chosen,
@@ -416,12 +436,30 @@ def compare(
         if measure_memory
         else "not measured",
     }
+    env = environment(chosen, intra_op_threads=intra_op_threads)
+    engine = None if runtime is None else runtime.engine()
+    if engine is not None:
+        env["runtime"] = engine
     return ComparisonResult(
         fp32=rows[0],
         quantized=tuple(rows[1:]),
-        environment=environment(chosen, intra_op_threads=intra_op_threads),
+        environment=env,
         settings=settings,
         notes=tuple(notes),
+    )
+
+
+def _conformance(name: str, proto: onnx.ModelProto, target: Target) -> str:
+    """One line: whether the model meets ``target``'s rules, and the target it was written for."""
+    written = {p.key: p.value for p in proto.metadata_props}.get("onnxq.target")
+    origin = f" (written for {written})" if written and written != target.name else ""
+    report = check_model(proto, target)
+    if report.ok:
+        return f"{name}{origin}: meets target {target.name}'s rules"
+    first = report.violations[0].describe()
+    return (
+        f"{name}{origin}: {len(report.violations)} violation(s) of target {target.name}'s "
+        f"rules, first {first} (onnxq check lists them)"
     )
 
 

@@ -23,7 +23,7 @@ def format_table(result: ComparisonResult) -> str:
         device = env.get("gpu") or "GPU name unknown"
     settings = result.settings
     lines = [
-        f"onnxruntime {env.get('onnxruntime')} on {env.get('ort_provider')}"
+        (env.get("runtime") or f"onnxruntime {env.get('onnxruntime')} on {env.get('ort_provider')}")
         + (f" ({device})" if device else "")
         + f" | CPU: {env.get('cpu_model')} ({isa}) | threads: {env.get('intra_op_threads')}",
         f"accuracy on {settings['samples']} samples | latency: batch {settings['latency_batch']}, "

@@ -9,6 +9,7 @@ import click
 
 from onnxq.cli.options import provider_option
 from onnxq.model_io import check_output_path
+from onnxq.targets import TARGETS
 
 
 @click.command("compare")
@@ -24,6 +25,14 @@ from onnxq.model_io import check_output_path
 )
 @click.option("--labels", type=click.Path(dir_okay=False, path_type=Path), help=".npy or .npz.")
 @provider_option
+@click.option(
+    "--target",
+    type=click.Choice(list(TARGETS)),
+    default=None,
+    help="Run the models in this target's runtime where it runs here (ONNX Runtime, .ort "
+    "files, OpenVINO; else ONNX Runtime CPU, said so) and check each quantized model against "
+    "its rules.",
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -55,6 +64,7 @@ def command(
     data: Path,
     labels: Path | None,
     provider: str,
+    target: str | None,
     json_path: Path | None,
     plot_path: Path | None,
     batch_size: int,
@@ -114,6 +124,7 @@ def command(
             intra_op_threads=threads,
             measure_memory=memory,
             max_seconds=max_seconds,
+            target=target,
             on_batch=lambda n: bars["accuracy"].update(n - bars["accuracy"].n),
             on_run=timed,
         )

@@ -54,6 +54,11 @@ def _openvino() -> Any:
     return openvino
 
 
+def openvino_version() -> str:
+    """The installed OpenVINO's version string."""
+    return _openvino().get_version()
+
+
 @dataclass(frozen=True)
 class LayerPrecision:
     """One weighted layer of OpenVINO's runtime model and the precision it runs in."""

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from support import small_cnn
 
 from onnxq.cli import main
+from onnxq.config import QuantConfig
 from onnxq.pipeline import quantize
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -129,3 +130,59 @@ def test_compare_on_cuda(files: dict[str, Path]) -> None:
     assert result.exit_code == 0, result.output
     assert "CUDAExecutionProvider" in result.output
     assert "no int8 QLinearConv/QLinearMatMul kernels" in result.output
+
+
+def test_target_without_its_runtime_here_is_measured_in_ort_and_checked(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    out_json = tmp_path / "trt.json"
+    result = _invoke(
+        "compare", files["fp32"], files["int8"], "--data", files["data"], "--target", "tensorrt",
+        "--json", out_json, *FAST,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    notes = json.loads(out_json.read_text())["notes"]
+    assert any("tensorrt does not run here; measured in ONNX Runtime CPU" in n for n in notes)
+    (checked,) = [n for n in notes if n.startswith("cnn_int8 (written for ort-cpu)")]
+    assert "violation(s) of target tensorrt's rules" in checked  # u8 activations, zero point 128
+
+
+def test_ort_mobile_target_runs_the_ort_files(files: dict[str, Path], tmp_path: Path) -> None:
+    from onnxq.targets.ort_format import write_ort
+
+    model = tmp_path / "cnn_int8.onnx"
+    model.write_bytes(files["int8"].read_bytes())
+    write_ort(model)
+    rows = {}
+    for target in ("ort-cpu", "ort-mobile"):
+        out_json = tmp_path / f"{target}.json"
+        result = _invoke(
+            "compare", files["fp32"], model, "--data", files["data"], "--target", target,
+            "--json", out_json, *FAST,
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        data = json.loads(out_json.read_text())
+        rows[target] = data
+    assert any("run from their .ort files" in n for n in rows["ort-mobile"]["notes"])
+    assert any("meets target ort-mobile's rules" in n for n in rows["ort-mobile"]["notes"])
+    sqnr = [rows[t]["quantized"][0]["accuracy"]["sqnr_db"] for t in rows]
+    assert sqnr[0] > 25 and abs(sqnr[0] - sqnr[1]) < 1e-3  # the .ort computes the same outputs
+
+
+def test_openvino_target_runs_in_openvino(files: dict[str, Path], tmp_path: Path) -> None:
+    pytest.importorskip("openvino")
+    images = np.load(files["data"])["x"]
+    model = tmp_path / "cnn_ov.onnx"
+    onnx.save(quantize(files["fp32"], {"x": images}, QuantConfig(target="openvino")), model)
+    out_json = tmp_path / "ov.json"
+    result = _invoke(
+        "compare", files["fp32"], model, "--data", files["data"], "--target", "openvino",
+        "--json", out_json, *FAST[:-1],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(out_json.read_text())
+    assert any("measured in OpenVINO's CPU plugin" in n for n in data["notes"])
+    assert data["environment"]["runtime"].startswith("OpenVINO ")
+    assert any("peak memory not measured in openvino" in n for n in data["notes"])
+    assert any("cnn_ov: meets target openvino's rules" in n for n in data["notes"])
+    assert data["quantized"][0]["accuracy"]["sqnr_db"] > 25
