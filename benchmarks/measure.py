@@ -52,6 +52,7 @@ class Row:
     x_fp32: float | None = None
     x_ort_best: float | None = None
     size_x_fp32: float | None = None
+    fp32_p50_ms: float | None = None  # fp32 in this row's runtime, when not ONNX Runtime's row
 
 
 @dataclass
@@ -96,10 +97,16 @@ def measure_model(model: ZooModel, *, threads: int, variants: list[str]) -> Mode
     onnx_rows = [r for r in rows[1:] if r.engine == "onnx" and r.status == "ok"]
     for row in onnx_rows:
         _check_loads(row, model)
-    try:
-        notes = _measure_onnx(model, fp32, [r for r in onnx_rows if r.status == "ok"], threads)
-    except OnnxqError as exc:
-        notes = [f"ONNX rows not measured: {first_line(exc)}"]
+    groups: dict[str | None, list[Row]] = {}
+    for row in (r for r in onnx_rows if r.status == "ok"):
+        groups.setdefault(BY_SLUG[row.slug].target, []).append(row)
+    notes = []
+    for target in sorted(groups, key=lambda t: t or ""):  # the plain ORT group first
+        try:
+            notes += _measure_onnx(model, fp32, groups[target], threads, target)
+        except OnnxqError as exc:
+            for row in groups[target]:
+                row.status, row.reason = "failed", f"not measured: {first_line(exc)}"
     _score_torch(model, [r for r in rows if r.engine == "torch" and r.status == "ok"], threads)
     if fp32.p50_ms is not None and fp32.p50_ms < NOISE_FLOOR_MS:
         notes.append(
@@ -165,7 +172,12 @@ def _check_loads(row: Row, model: ZooModel) -> None:
         row.status, row.reason = "failed", f"ONNX Runtime cannot run it: {first_line(exc)}"
 
 
-def _measure_onnx(model: ZooModel, fp32: Row, rows: list[Row], threads: int) -> list[str]:
+def _measure_onnx(
+    model: ZooModel, fp32: Row, rows: list[Row], threads: int, target: str | None
+) -> list[str]:
+    """Measure ``rows`` with the fp32 model in one ``compare`` (in ``target``'s runtime when
+    given: the fp32 model is then measured again there, and the rows' ``x fp32`` is against
+    that measurement; ``fp32`` itself is the ONNX Runtime group's)."""
     sizes = model.sizes
     result = compare(
         model.fp32,
@@ -178,9 +190,13 @@ def _measure_onnx(model: ZooModel, fp32: Row, rows: list[Row], threads: int) -> 
         throughput_batch=8,
         intra_op_threads=threads,
         measure_memory=False,
+        target=target,
     )
     by_name = {m.name: m for m in result.rows}
-    for row in [fp32, *rows]:
+    for row in rows if target is not None else ():
+        row.fp32_p50_ms = result.fp32.latency.p50_ms
+        row.notes.append(f"x fp32 against fp32 measured alongside ({row.fp32_p50_ms:.3f} ms)")
+    for row in [fp32, *rows] if target is None else rows:
         measured = by_name[model.fp32.stem if row is fp32 else row.slug]
         acc = measured.accuracy
         row.p50_ms, row.p90_ms = measured.latency.p50_ms, measured.latency.p90_ms
@@ -223,7 +239,7 @@ def _ratios(rows: list[Row]) -> None:
     for row in rows:
         if row.status != "ok":
             continue
-        row.x_fp32 = _ratio(row.p50_ms, fp32.p50_ms if fp32 else None)
+        row.x_fp32 = _ratio(row.p50_ms, row.fp32_p50_ms or (fp32.p50_ms if fp32 else None))
         row.x_ort_best = _ratio(row.p50_ms, peer.p50_ms if peer else None)
         base = torch_fp32 if row.engine == "torch" else fp32
         row.size_x_fp32 = _ratio(row.size_bytes, base.size_bytes if base else None)

@@ -21,7 +21,10 @@ LEGEND = (
     "quantize s: wall time of the quantize call including calibration and writing the result; "
     "quantize peak MB: peak resident memory growth of that call over the process's memory just "
     "before it (imports and loaded data excluded), each variant in its own process. "
-    "ONNX rows are measured together by onnxq.evaluate.compare; PyTorch rows are timed in "
+    "ONNX rows are measured together by onnxq.evaluate.compare; rows for a deployment target "
+    "by compare(target=...) in that target's runtime where it runs here (.ort file, OpenVINO "
+    "CPU plugin at f32), else in ONNX Runtime CPU (the notes say which), each with the fp32 "
+    "model measured alongside; PyTorch rows are timed in "
     "PyTorch with torch.set_num_threads equal to ORT's intra-op threads and scored against the "
     "ONNX Runtime fp32 outputs."
 )

@@ -40,6 +40,7 @@ class Variant:
     label: str
     engine: str  # "onnx" (measured by onnxq.evaluate) or "torch" (timed in PyTorch)
     quantizes: bool = True
+    target: str | None = None  # measured by ``compare(target=...)``: in that target's runtime
 
 
 VARIANTS: tuple[Variant, ...] = (
@@ -50,8 +51,25 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("onnxq-static-nearest", "onnxq static (nearest rounding)", "onnx"),
     Variant("onnxq-static-vnni", "onnxq static --target ort-x86-vnni (VNNI CPUs only)", "onnx"),
     Variant("onnxq-static-arm64", "onnxq static --target ort-arm64 (run here on x86)", "onnx"),
-    Variant("onnxq-static-tensorrt", "onnxq static --target tensorrt (run in ORT CPU)", "onnx"),
-    Variant("onnxq-static-qnn", "onnxq static --target qnn (run in ORT CPU)", "onnx"),
+    Variant(
+        "onnxq-static-mobile",
+        "onnxq static --target ort-mobile (its .ort file, in ORT)",
+        "onnx",
+        target="ort-mobile",
+    ),
+    Variant(
+        "onnxq-static-openvino",
+        "onnxq static --target openvino (in OpenVINO, f32 hint)",
+        "onnx",
+        target="openvino",
+    ),
+    Variant(
+        "onnxq-static-tensorrt",
+        "onnxq static --target tensorrt (run in ORT CPU)",
+        "onnx",
+        target="tensorrt",
+    ),
+    Variant("onnxq-static-qnn", "onnxq static --target qnn (run in ORT CPU)", "onnx", target="qnn"),
     Variant("onnxq-dynamic", "onnxq dynamic (no data)", "onnx"),
     Variant("onnxq-dynamic-smooth", "onnxq dynamic (SmoothQuant from calibration data)", "onnx"),
     Variant("onnxq-dynamic-plain", "onnxq dynamic (no data, no SmoothQuant)", "onnx"),
@@ -101,10 +119,13 @@ def onnxq_static(job: Job, calib: Feeds, **changes: Any) -> Quantized:
     from onnxq.config import QuantConfig
     from onnxq.model_io import save_model
     from onnxq.pipeline import quantize_with_report
+    from onnxq.targets import get_target
+    from onnxq.targets.ort_format import write_extra_files
 
     config = QuantConfig(batch_size=CALIB_BATCH).replace(**changes)
     result = quantize_with_report(job.fp32, calib, config)
     save_model(result.model, job.out)
+    write_extra_files(job.out, get_target(config.target).extra_files)
     report = result.report
     return Quantized(
         [
@@ -260,6 +281,8 @@ ONNX_QUANTIZERS: dict[str, Callable[..., Quantized]] = {
     "onnxq-dynamic": onnxq_dynamic,
     "onnxq-static-vnni": lambda job, calib: onnxq_static(job, calib, target="ort-x86-vnni"),
     "onnxq-static-arm64": lambda job, calib: onnxq_static(job, calib, target="ort-arm64"),
+    "onnxq-static-mobile": lambda job, calib: onnxq_static(job, calib, target="ort-mobile"),
+    "onnxq-static-openvino": lambda job, calib: onnxq_static(job, calib, target="openvino"),
     "onnxq-static-tensorrt": lambda job, calib: onnxq_static(job, calib, target="tensorrt"),
     "onnxq-static-qnn": lambda job, calib: onnxq_static(job, calib, target="qnn"),
     "onnxq-dynamic-smooth": lambda job, calib: onnxq_dynamic(job, calib, from_data=True),
