@@ -17,7 +17,8 @@ target when its ``applies`` predicate holds (rules as data, in ``RULES``):
    reads its activation through a DQ, and the other way round.
 8. ``bias``: int32-bias targets: the bias of a quantized Conv/Gemm is int32 behind a DQ with
    ``scale = input_scale * weight_scale``; float-bias targets: the bias stays float.
-9. ``residual-add``: an Add with one input from a DQ reads the other from a DQ too.
+9. ``residual-add``: an Add of two activations with one from a DQ reads the other from a DQ
+   too (an Add with a constant operand is a bias, which the runtime fuses).
 10. ``opset``: the default-domain opset is at least the target's ``min_opset``; 16-bit Q/DQ in
     the default domain need opset 21.
 11. ``control-flow``: no node is If/Loop/Scan (QNN compiles a static graph; its fixed input
@@ -277,7 +278,14 @@ def _residual_add(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, s
     for node in g.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
-        from_dq = [g.dq_of(name) is not None or name in g.constants for name in node.input]
+        dqs = [g.dq_of(name) for name in node.input]
+        constant = [
+            name in g.constants or (dq is not None and g.is_constant_dq(dq))
+            for name, dq in zip(node.input, dqs, strict=True)
+        ]
+        if any(constant):
+            continue  # a bias Add: the runtime fuses a constant operand, quantized or not
+        from_dq = [dq is not None for dq in dqs]
         if any(from_dq) and not all(from_dq):
             floating = node.input[from_dq.index(False)]
             yield node, f"input {floating!r} is float while the other is quantized"
