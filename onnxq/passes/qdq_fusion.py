@@ -53,8 +53,9 @@ def _blocker(node: ir.Node, rule: OpRule) -> str:
         weight = node.inputs[rule.weight_input]
         if not _from_dq(weight) or constant_array(weight.producer().inputs[0]) is None:
             return "weight is not integers behind a DequantizeLinear"
-    bias = node.inputs[rule.bias_input] if rule.bias_input is not None else None
-    if rule.bias_input is not None and len(node.inputs) > rule.bias_input and bias is not None:
+    index = rule.bias_input
+    bias = node.inputs[index] if index is not None and len(node.inputs) > index else None
+    if bias is not None:
         levels = constant_array(bias.producer().inputs[0]) if _from_dq(bias) else None
         if levels is None or levels.dtype != np.int32:
             return "bias is not int32 behind a DequantizeLinear"
