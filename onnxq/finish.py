@@ -65,7 +65,7 @@ def finish_qdq_with_report(
         CheckDomainsPass(),
         UpgradeOpsetPass(chosen.min_opset),
         RemoveInitializerInputsPass(),
-        FoldConstantsPass(),
+        FoldConstantsPass(infer_shapes=False),  # keep the exporter's value_info as it is
     ):
         clean(graph_model)
     log = FinishLog()

@@ -29,7 +29,8 @@ QuantizeLinear, biases float, BatchNorm arithmetic or a Relu sits between an op 
    torch's reduce-range Clip inside the Q's range) dropping it is not exact: the reason is
    recorded.
 8. ``int32-bias`` (where the target stores int32 biases): the float constant bias of a Conv/Gemm
-   reading a DQ activation and a DQ weight becomes int32 with ``scale = input_scale *
+   reading a DQ activation (directly or through pass-through ops such as MaxPool, which keep
+   its qparams) and a DQ weight becomes int32 with ``scale = input_scale *
    weight_scale``, zero point 0, behind a DQ. The bias rounds to its scale (at most half of one
    accumulator unit); a bias that overflows int32 stays float, with the reason.
 9. Nodes and initializers left without readers are removed.
@@ -52,7 +53,7 @@ from onnxq.errors import UnsupportedModelError
 from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.fold_qdq_affine import fold_affine_chain
 from onnxq.passes.naming import add_initializer
-from onnxq.passes.op_rules import QUANTIZABLE_OPS
+from onnxq.passes.op_rules import PASS_THROUGH_OPS, QUANTIZABLE_OPS
 from onnxq.passes.qdq_nodes import (
     ACTIVATION_OPS,
     QDQ,
@@ -177,19 +178,20 @@ def _integer_clip(graph: ir.Graph, log: FinishLog) -> None:
         if clip.op_type != "Clip" or clip.domain not in ("", "ai.onnx"):
             continue
         source = clip.inputs[0]
-        if source is None or source.dtype is None or not source.dtype.is_integer():
-            continue
         bounds = clip_bounds(clip)
-        if bounds is None:
+        if source is None or bounds is None:
             continue
         levels = constant_array(source)
-        if levels is not None:
+        producer = source.producer()
+        if levels is not None and np.issubdtype(levels.dtype, np.integer):
             clipped = np.clip(levels, *bounds).astype(levels.dtype)
             clip.outputs[0].replace_all_uses_with(
                 add_initializer(graph, f"{source.name}_clipped", clipped)
             )
             graph.remove(clip, safe=True)
             log.changed("integer-clip", label(clip))
+            continue
+        if levels is not None or producer is None or not is_q(producer):
             continue
         reason = _move_integer_clip(graph, clip, bounds)
         if reason:
@@ -201,8 +203,8 @@ def _integer_clip(graph: ir.Graph, log: FinishLog) -> None:
 def _move_integer_clip(graph: ir.Graph, clip: ir.Node, bounds: tuple[float, float]) -> str:
     """``Q -> Clip -> DQ`` becomes ``Clip(float) -> Q -> DQ``; the reason when it cannot."""
     q = clip.inputs[0].producer()
-    if q is None or not is_q(q) or len(clip.inputs[0].uses()) != 1:
-        return f"integer Clip {label(clip)!r} does not follow a QuantizeLinear: kept"
+    if len(clip.inputs[0].uses()) != 1:
+        return f"integer Clip {label(clip)!r}: its Q has other readers: kept"
     qdq = qdq_of(q)
     if not qdq.per_tensor:
         return f"integer Clip {label(clip)!r} after a per-channel Q: kept"
@@ -350,7 +352,7 @@ def _int32_bias(graph: ir.Graph, log: FinishLog) -> None:
 def _input_and_weight_scales(op: ir.Node) -> tuple[float, np.ndarray] | None:
     """The per-tensor scale of ``op``'s DQ input and its DQ weight's scale(s), when both
     come from DQs (the weight of constant integers)."""
-    producers = [value.producer() if value is not None else None for value in op.inputs[:2]]
+    producers = [_through_pass_through(value) for value in op.inputs[:2]]
     if len(producers) < 2 or not all(p is not None and is_dq(p) for p in producers):
         return None
     activation, weight = producers
@@ -363,6 +365,16 @@ def _input_and_weight_scales(op: ir.Node) -> tuple[float, np.ndarray] | None:
         return None
     weight_scale = weight_qdq.scale.reshape(() if weight_qdq.per_tensor else -1)
     return float(input_qdq.scale.reshape(())), weight_scale
+
+
+def _through_pass_through(value: ir.Value | None) -> ir.Node | None:
+    """The producer of ``value``, looking through ops that only move values (MaxPool,
+    Reshape, ...: ORT moves the DQ past them with the same qparams)."""
+    producer = value.producer() if value is not None else None
+    while producer is not None and producer.op_type in PASS_THROUGH_OPS and producer.inputs:
+        source = producer.inputs[0]
+        producer = source.producer() if source is not None else None
+    return producer
 
 
 REWRITES: tuple[tuple[str, Callable[[ir.Graph, FinishLog], None]], ...] = (

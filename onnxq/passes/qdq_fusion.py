@@ -3,7 +3,8 @@
 A static reading of the file (``onnxq.inspect`` asks ORT itself). For each main-graph op with a
 rule in ``op_rules.QUANTIZABLE_OPS``, the first broken condition is its reason:
 
-1. every activation input comes from a DequantizeLinear;
+1. every activation input comes from a DequantizeLinear (directly or through pass-through ops
+   such as MaxPool, past which ORT moves the DQ);
 2. the weight (Conv/Gemm input 1) comes from a DequantizeLinear of constant integers;
 3. a bias, where present, comes from a DequantizeLinear of int32;
 4. the output feeds only QuantizeLinear nodes, directly or through one Relu/Clip that changes
@@ -16,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.passes.op_rules import QUANTIZABLE_OPS, OpRule
+from onnxq.passes.op_rules import PASS_THROUGH_OPS, QUANTIZABLE_OPS, OpRule
 from onnxq.passes.plan import NodeDecision
 from onnxq.passes.qdq_nodes import (
     ACTIVATION_OPS,
@@ -75,5 +76,9 @@ def _blocker(node: ir.Node, rule: OpRule) -> str:
 
 
 def _from_dq(value: ir.Value | None) -> bool:
+    """``value`` comes from a DQ, directly or through pass-through ops (MaxPool, Reshape, ...:
+    ORT moves the DQ past them)."""
     producer = value.producer() if value is not None else None
+    while producer is not None and producer.op_type in PASS_THROUGH_OPS and producer.inputs:
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
     return producer is not None and is_dq(producer)
