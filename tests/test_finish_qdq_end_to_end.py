@@ -210,17 +210,34 @@ def test_pt2e_qat_model_from_the_dynamo_exporter(tmp_path):
         x86.get_default_x86_inductor_quantization_config(is_qat=True)
     )
     prepared = pt2e.prepare_qat_pt2e(module, quantizer)
-    prepared(torch.from_numpy(splits.train_x[:64]))
+    for start in range(0, 64, 8):  # observers see a few training batches
+        prepared(torch.from_numpy(splits.train_x[start : start + 8]))
     converted = pt2e.convert_pt2e(prepared, fold_quantize=False)
     source, out = tmp_path / "pt2e.onnx", tmp_path / "int8.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(converted, (x,), str(source), dynamo=True, verbose=False)
+        torch.onnx.export(
+            converted, (x,), str(source), dynamo=True, verbose=False, input_names=["input"]
+        )
     result = _invoke("quantize", source, "-o", out)
     assert result.exit_code == 0, result.output
     conv = next(f for f in inspect_model(out).families if f.family == "Conv")
     assert conv.int8_count == conv.total == 3, conv.describe()
-    assert out.stat().st_size <= 0.30 * source.stat().st_size
+    # the dynamo exporter writes its weights beside the model and a stack trace into every
+    # node's metadata (kept): compare the weights
+    weights = [
+        sum(i.ByteSize() for i in onnx.load(str(p)).graph.initializer) for p in (source, out)
+    ]
+    assert weights[1] <= 0.30 * weights[0]
     with torch.no_grad():
         expected = converted(x).numpy()
-    np.testing.assert_allclose(_run(out, x.numpy()), expected, atol=0.2)
+    steps = np.abs(_run(out, x.numpy()) - expected) / _last_q_scale(onnx.load(str(out)))
+    assert np.mean(steps <= 1.0 + 1e-3) >= 0.99, np.quantile(steps, [0.5, 0.99, 1.0])
+
+
+def _last_q_scale(model: onnx.ModelProto) -> float:
+    """The scale of the DQ feeding the model's last Gemm (its output is float)."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    gemm = [node for node in model.graph.node if node.op_type == "Gemm"][-1]
+    return float(inits[producers[gemm.input[0]].input[1]])
