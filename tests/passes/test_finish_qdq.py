@@ -367,3 +367,45 @@ def test_unfinishable_models_are_one_line_errors_naming_the_node(case):
         finish_qdq(model)
     message = str(caught.value)
     assert "\n" not in message and node in message and words in message
+
+
+def test_api_quantize_without_data_finishes_a_qdq_model(modelopt):
+    finished = quantize(modelopt, None)
+    metadata = {p.key: p.value for p in finished.metadata_props}
+    assert metadata["onnxq.source"] == "qdq"
+    assert _nodes(finished) == _nodes(finish_qdq(modelopt))
+
+
+UINT8_WEIGHTS = """
+g (float[N, 4, 8, 8] x) => (float[N, 4, 8, 8] y) {
+  xq = QuantizeLinear(x, xs, xz)
+  xd = DequantizeLinear(xq, xs, xz)
+  wd = DequantizeLinear(w, ws, wz)
+  c = Conv<pads=[1, 1, 1, 1]>(xd, wd)
+  cq = QuantizeLinear(c, cs, cz)
+  y = DequantizeLinear(cq, cs, cz)
+}
+"""
+
+
+def test_uint8_weights_with_zero_point_128_shift_to_int8_exactly():
+    model = _model(
+        UINT8_WEIGHTS,
+        xs=X_SCALE,
+        xz=np.uint8(100),
+        w=RNG.integers(0, 256, (4, 4, 3, 3)).astype(np.uint8),
+        ws=np.float32(0.004),
+        wz=np.uint8(128),
+        cs=np.float32(0.05),
+        cz=np.uint8(128),
+    )
+    result = finish_qdq_with_report(model, target="ort-arm64")
+    changes = result.report.finished["changes"]
+    assert changes["convert-weight"] == ["Conv -> c"]
+    assert len(changes["convert-activation"]) == 2
+    assert result.report.finished["scheme"]["activation_types"] == ["int8"]
+    assert result.report.finished["scheme"]["weight_types"] == ["int8"]
+    feed = _x()
+    np.testing.assert_array_equal(
+        run(model, feed, fused=False)[0], run(result.model, feed, fused=False)[0]
+    )
