@@ -6,6 +6,7 @@ The one-call API::
     quantized = onnxq.quantize("model.onnx", {"input": calibration_images})
     dynamic = onnxq.quantize_dynamic("model.onnx")
     four_bit = onnxq.quantize_weight_only("model.onnx")
+    finished = onnxq.finish_qdq("qat.onnx")  # a QDQ model from another tool, its own qparams
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "QuantType",
     "WeightRounding",
     "export_torch",
+    "finish_qdq",
     "quantize",
     "quantize_dynamic",
     "quantize_weight_only",
@@ -35,6 +37,13 @@ def quantize(model: Any, calibration_data: Any, config: QuantConfig | None = Non
     from onnxq.pipeline import quantize as run
 
     return run(model, calibration_data, config)
+
+
+def finish_qdq(model: Any, *, target: str | None = None) -> Any:
+    """A QDQ model from another tool finished with its own qparams (see ``onnxq.finish``)."""
+    from onnxq.finish import finish_qdq as run
+
+    return run(model, target=target)
 
 
 def quantize_dynamic(model: Any, config: QuantConfig | None = None, **options: Any) -> Any:

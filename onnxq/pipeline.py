@@ -65,6 +65,7 @@ class QuantizationReport:
     notes: list[str] = field(default_factory=list)
     quality: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    finished: dict[str, Any] | None = None  # set when finished from a QDQ model (onnxq.finish)
 
     @property
     def quantized(self) -> list[NodeDecision]:
@@ -153,11 +154,21 @@ def quantize_with_report(
     executor: Executor | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> QuantResult:
-    """``quantize`` plus a ``QuantizationReport``; ``on_batch(samples)`` follows calibration."""
+    """``quantize`` plus a ``QuantizationReport``; ``on_batch(samples)`` follows calibration.
+
+    A QDQ model from another tool, given without data or ranges, is finished with its own
+    qparams instead (``onnxq.finish.finish_qdq_with_report``): without a config it keeps its
+    scheme, with one it is converted to ``config.target``'s where exact.
+    """
+    proto = model_proto(model)
+    if calibration_data is None and ranges is None:
+        from onnxq.finish import carries_qdq, finish_qdq_with_report
+
+        if carries_qdq(proto):
+            return finish_qdq_with_report(proto, target=config.target if config else None)
     if (calibration_data is None) == (ranges is None):
         raise ConfigError("give calibration data or a ranges file (exactly one of them)")
     config, reduce_reason = resolve_config(config, QuantMode.STATIC)
-    proto = model_proto(model)
     refuse_quantized(proto)
     float_model, float_proto, notes = prepare_float(proto, config, calibration_data)
     plan = plan_quantization(float_model, config)
@@ -336,8 +347,15 @@ QUANTIZED_OPS = frozenset(
 
 
 def refuse_quantized(model: onnx.ModelProto) -> None:
-    """An already quantized model is refused: onnxq starts from the float model."""
+    """An already quantized model is refused: onnxq starts from the float model, or finishes a
+    QDQ model with its own qparams (static mode without data, ``onnxq.finish``)."""
     for node in model.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            raise UnsupportedModelError(
+                f"the model is already quantized (node {node.name or node.op_type!r} is "
+                f"{node.op_type}) and carries its own qparams: drop --calib/--ranges (static "
+                "mode) and onnxq finishes it with them, or give onnxq the float model"
+            )
         if node.op_type in QUANTIZED_OPS:
             raise UnsupportedModelError(
                 f"the model is already quantized (node {node.name or node.op_type!r} is "

@@ -28,7 +28,7 @@ from onnxq.config import (
 from onnxq.errors import ConfigError
 from onnxq.executor import Executor
 from onnxq.model_io import check_output_path, save_model, write_json
-from onnxq.targets import get_target
+from onnxq.targets import DEFAULT_TARGET, get_target
 from onnxq.targets.ort_format import ort_path
 
 
@@ -189,13 +189,21 @@ def command(
     summary_json: Path | None,
 ) -> None:
     """Int8 quantization of MODEL: static QDQ calibrated on --calib data (or --ranges),
-    --mode dynamic, or --mode weight-only (4-bit MatMul weights)."""
+    --mode dynamic, or --mode weight-only (4-bit MatMul weights).
+
+    A QDQ model from another tool (torch.ao / pt2e QAT, ModelOpt) given without --calib or
+    --ranges is finished with its own qparams: int8 weights, int32 biases, Q/DQ placement ONNX
+    Runtime fuses. It keeps its scheme (the ort-cpu rules it breaks are warnings) unless
+    --target is given, which converts it where that is exact."""
     from tqdm import tqdm
 
     from onnxq.dynamic import quantize_dynamic_with_report
     from onnxq.pipeline import quantize_with_report
     from onnxq.weight_only import quantize_weight_only_with_report
 
+    if mode == QuantMode.STATIC and calib is None and ranges is None:
+        _finish_qdq(model, output, target, summary_json)
+        return
     if mode == QuantMode.STATIC and (calib is None) == (ranges is None):
         raise ConfigError("give --calib DATA or --ranges FILE (exactly one)")
     if mode != QuantMode.STATIC and ranges is not None:
@@ -286,6 +294,25 @@ def command(
     _report(result.report.to_dict(), output, summary_json)
 
 
+def _finish_qdq(model: Path, output: Path, target: str, summary_json: Path | None) -> None:
+    """A QDQ model without --calib/--ranges: finished with its own qparams (``onnxq.finish``);
+    a float model needs data."""
+    from onnxq.finish import carries_qdq, finish_qdq_with_report
+    from onnxq.model_io import load_model
+
+    proto = load_model(model)
+    if not carries_qdq(proto):
+        raise ConfigError("give --calib DATA or --ranges FILE (exactly one)")
+    check_output_path(output, model)
+    if summary_json is not None:
+        check_output_path(summary_json, output, model)
+    explicit = click.get_current_context().get_parameter_source("target")
+    chosen = target if explicit is not click.core.ParameterSource.DEFAULT else None
+    result = finish_qdq_with_report(proto, target=chosen)
+    _save(result.model, output, chosen or DEFAULT_TARGET)
+    _report(result.report.to_dict(), output, summary_json)
+
+
 def _save(model: Any, output: Path, target: str) -> None:
     """``OUT.onnx``, then the files the target writes beside it (``.ort`` for ort-mobile)."""
     from onnxq.targets.ort_format import write_extra_files
@@ -321,6 +348,8 @@ def _summary(report: dict, output: Path) -> str:
     lines.append(f"size: {_mb(before)} -> {_mb(after)} ({100 * after / before:.1f}%)")
     config = report["config"]
     lines.append(_scheme_line(config))
+    if report.get("finished"):
+        return "\n".join(lines + _finished_lines(report, output))
     reduce = "on" if report["reduce_range"] else "off"
     source = f"from {report['ranges_file']} " if report.get("ranges_file") else ""
     if config.get("mode") == QuantMode.WEIGHT_ONLY:
@@ -346,6 +375,16 @@ def _summary(report: dict, output: Path) -> str:
         lines.append(f"no finite calibration values, left float: {skipped}")
     lines.append(f"wrote {output}")
     return "\n".join(lines)
+
+
+def _finished_lines(report: dict, output: Path) -> list[str]:
+    """What finishing a QDQ model did (no calibration), what blocked ORT, rule warnings."""
+    finished = report["finished"]
+    changes = ", ".join(f"{rule} x{len(nodes)}" for rule, nodes in finished["changes"].items())
+    lines = [f"finished from the model's own Q/DQ (no calibration): {changes or 'no change'}"]
+    lines += [f"blocked: {line}" for line in finished["blocked"]]
+    lines += [f"warning: {warning}" for warning in report.get("warnings", [])]
+    return [*lines, f"wrote {output}"]
 
 
 def _scheme_line(config: dict) -> str:
