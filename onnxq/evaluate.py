@@ -53,7 +53,7 @@ from onnxq.runtime import (
     environment,
     make_session,
 )
-from onnxq.saturation import saturation_risk
+from onnxq.saturation import NO_VNNI_NOTE, saturation_risk
 from onnxq.targets import Target, get_target
 from onnxq.targets.check import check_model
 from onnxq.targets.sessions import TargetRuntime
@@ -65,7 +65,6 @@ CUDA_NOTE = (
     "the CUDA execution provider has no int8 QLinearConv/QLinearMatMul kernels: a QDQ model "
     "runs there as fake-quant float (an accuracy check), usually slower than fp32"
 )
-U8S8_NOTE = "this x86 CPU has no VNNI; {name}: {risk}"
 
 
 # --- results -----------------------------------------------------------------------------------
@@ -382,7 +381,7 @@ def compare(
     if chosen is Provider.CUDA:
         notes.append(CUDA_NOTE)
     elif cpu_features().u8s8_saturates:
-        notes += [U8S8_NOTE.format(name=name, risk=risk) for name, risk in risks]
+        notes += [NO_VNNI_NOTE.format(name=name, risk=risk) for name, risk in risks]
     peaks: list[int | None] = [None] * len(models)
     if measure_memory and runtime is not None and not runtime.measures_memory:
         notes.append(f"peak memory not measured in {runtime.target.runtime}")

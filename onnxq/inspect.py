@@ -35,8 +35,10 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
+from onnxq.isa import cpu_features
 from onnxq.model_io import load_model
 from onnxq.runtime import OptimizationLevel, Provider, make_session
+from onnxq.saturation import NO_VNNI_NOTE, saturation_risk
 
 PathLike = str | os.PathLike[str]
 
@@ -147,6 +149,7 @@ class InspectReport:
     nodes: dict[str, int]
     categories: dict[str, dict[str, int]]
     families: tuple[FamilyReport, ...] = field(default_factory=tuple)
+    warnings: tuple[str, ...] = ()
 
     @property
     def int8_kernels(self) -> Counter[str]:
@@ -173,6 +176,7 @@ class InspectReport:
                 }
                 for f in self.families
             ],
+            "warnings": list(self.warnings),
         }
 
 
@@ -181,6 +185,8 @@ def inspect_model(path: PathLike, provider: Provider | str = Provider.CPU) -> In
     path = Path(path)
     source = load_model(path)  # clear errors for a missing or invalid file
     in_file = Counter(node.op_type for node in _nodes(source.graph))
+    risk = saturation_risk(source) if cpu_features().u8s8_saturates else None
+    warnings = () if risk is None else (NO_VNNI_NOTE.format(name=path.name, risk=risk.describe()),)
     del source
     with tempfile.TemporaryDirectory(prefix="onnxq-inspect-") as tmp:
         optimized_path = Path(tmp) / "optimized.onnx"
@@ -204,6 +210,7 @@ def inspect_model(path: PathLike, provider: Provider | str = Provider.CPU) -> In
         nodes=dict(nodes.most_common()),
         categories={k: dict(v.most_common()) for k, v in categories.items()},
         families=_families(nodes, in_file),
+        warnings=warnings,
     )
 
 
@@ -239,6 +246,7 @@ def format_inspect(report: InspectReport) -> str:
             "no int8 kernel runs: every Q/DQ pair here is overhead (on CUDA this is expected; "
             "on CPU check the QDQ pattern around each op)"
         )
+    lines += [f"warning: {warning}" for warning in report.warnings]
     return "\n".join(lines)
 
 

@@ -54,6 +54,9 @@ def risky_pairs(weights: np.ndarray) -> np.ndarray:
     return (high > INT16.max) | (low < INT16.min)
 
 
+NO_VNNI_NOTE = "this x86 CPU has no VNNI; {name}: {risk}"
+
+
 @dataclass(frozen=True)
 class SaturationRisk:
     """Weighted ops of a QDQ model whose int8 weights can saturate u8s8 pair sums."""

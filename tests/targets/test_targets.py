@@ -310,3 +310,28 @@ def test_compare_warns_only_for_8_bit_weights_on_a_cpu_without_vnni(
     assert (
         len(warnings) == 1 and "ort-x86-vnni" in warnings[0] and "--target ort-cpu" in warnings[0]
     )
+
+
+def test_inspect_warns_only_for_8_bit_weights_on_a_cpu_without_vnni(
+    per_target, tmp_path, monkeypatch
+):
+    import onnxq.inspect
+
+    outputs = {}
+    for cpu in (
+        CpuFeatures("x86_64", avx2=True, avx512=False, vnni=False),
+        CpuFeatures("x86_64", avx2=True, avx512=True, vnni=True),
+    ):
+        monkeypatch.setattr(onnxq.inspect, "cpu_features", lambda cpu=cpu: cpu)
+        for name in ("ort-cpu", "ort-x86-vnni"):
+            path = tmp_path / f"{name}.onnx"
+            onnx.save(per_target[name], path)
+            result = CliRunner().invoke(main, ["inspect", str(path)])
+            assert result.exit_code == 0, result.output
+            outputs[cpu.vnni, name] = [
+                line for line in result.output.splitlines() if line.startswith("warning:")
+            ]
+    assert outputs[False, "ort-cpu"] == outputs[True, "ort-cpu"] == []
+    assert outputs[True, "ort-x86-vnni"] == []
+    [warning] = outputs[False, "ort-x86-vnni"]
+    assert "no VNNI" in warning and "--target ort-cpu" in warning
