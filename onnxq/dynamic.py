@@ -19,8 +19,9 @@ from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
 from onnxq.config import QuantConfig, QuantMode, WeightRounding
-from onnxq.errors import CalibrationDataError, first_line
+from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
+from onnxq.ir_io import from_proto, to_proto
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
@@ -36,7 +37,8 @@ from onnxq.pipeline import (
     refuse_quantized,
     resolve_config,
 )
-from onnxq.runtime import make_session
+from onnxq.quality import OutputQuality
+from onnxq.runtime import make_session, run_float_outputs
 from onnxq.smoothing import smooth_from_data
 from onnxq.targets import get_target
 
@@ -79,8 +81,7 @@ def quantize_dynamic_with_report(
             proto, smoothed, plain, smoothing_data, config
         )
         notes.append(verdict)
-    data = calibration_data if calibration_data is not None else smoothing_data
-    quality = check_quality(prepared, out, decisions, data, config)
+    quality = _quality(prepared, out, decisions, calibration_data, smoothing_data, config, notes)
     report = QuantizationReport(
         decisions=decisions,
         size_before=proto.ByteSize(),
@@ -113,7 +114,7 @@ def _smooth(
             f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
             "(no calibration data given)"
         ]
-    model = ir.from_proto(prepared)
+    model = from_proto(prepared)
     try:
         changed, smooth_notes = smooth_from_data(model, prepared, data, config)
     except CalibrationDataError as exc:
@@ -122,6 +123,28 @@ def _smooth(
         # smoothing is optional: this model just cannot take made-up tokens
         return None, None, [f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})"]
     return (model if changed else None), data, notes + smooth_notes
+
+
+def _quality(
+    prepared: onnx.ModelProto,
+    out: onnx.ModelProto,
+    decisions: list[NodeDecision],
+    calibration_data: Any,
+    smoothing_data: Any,
+    config: QuantConfig,
+    notes: list[str],
+) -> OutputQuality | None:
+    """Output quality on the user's data, else on the random token sequences; those are made
+    up, so a failure on them is a note, never a refusal."""
+    if calibration_data is not None:
+        return check_quality(prepared, out, decisions, calibration_data, config)
+    try:
+        return check_quality(prepared, out, decisions, smoothing_data, config)
+    except OnnxqError as exc:
+        notes.append(
+            f"output quality not measured: random token sequences fail ({first_line(exc)})"
+        )
+        return None
 
 
 def _keep_smoothing_if_it_pays(
@@ -164,7 +187,7 @@ def _weight_hessians(float_model: ir.Model, config: QuantConfig, data: Any) -> d
         return {}
     plan = plan_quantization(float_model, config.replace(op_types=("MatMul",)))
     weights_only = QuantPlan(nodes=plan.nodes)
-    proto = ir.to_proto(float_model)
+    proto = to_proto(float_model)
     calibration = calibrate_plan(proto, weights_only, data, config, methods=(), hessians=True)
     return calibration.hessians or {}
 
@@ -179,5 +202,5 @@ def _output_sqnr(
     outputs: list[list[np.ndarray]] = [[] for _ in sessions]
     for feed in feeds:
         for collected, session in zip(outputs, sessions, strict=True):
-            collected += [o for o in session.run(None, feed) if np.asarray(o).dtype.kind == "f"]
+            collected += run_float_outputs(session, feed)
     return [sqnr_db(outputs[0], got) for got in outputs[1:]]

@@ -13,10 +13,10 @@ import json
 from collections import defaultdict
 
 import onnx
-import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.errors import UnsupportedModelError
+from onnxq.ir_io import from_proto
 from onnxq.model_io import model_proto
 from onnxq.passes.convert_qdq_scheme import ConvertSchemePass
 from onnxq.passes.finish_qdq import FinishLog, FinishQDQPass
@@ -60,7 +60,7 @@ def finish_qdq_with_report(
         )
     _refuse_operator_form(proto)
     chosen = get_target(target or DEFAULT_TARGET)
-    graph_model = ir.from_proto(proto)
+    graph_model = from_proto(proto)
     for clean in (
         CheckDomainsPass(),
         UpgradeOpsetPass(chosen.min_opset),

@@ -19,10 +19,14 @@ import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
 from onnxq.errors import InvalidModelError, OutputPathError, first_line
+from onnxq.ir_io import to_proto
 
 PathLike = str | os.PathLike[str]
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model is written with its weights in OUT.data
 EXTERNAL_THRESHOLD = 1024  # bytes: weights at least this large go to the data file
+# What ``onnx.checker.check_model`` raises for a model it rejects (``full_check`` runs strict
+# shape inference, which raises its own error type).
+CHECKER_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
 
 # ONNX element types a model input can have that calibration data can supply.
 _NP_DTYPES = {
@@ -39,6 +43,15 @@ _NP_DTYPES = {
     onnx.TensorProto.INT64: np.int64,
     onnx.TensorProto.UINT64: np.uint64,
     onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.STRING: np.object_,  # ONNX Runtime takes str arrays as objects
+}
+
+# What a graph input that is not a tensor holds, by its TypeProto field.
+_KINDS = {
+    "sequence_type": "sequence",
+    "optional_type": "optional",
+    "map_type": "map",
+    "sparse_tensor_type": "sparse tensor",
 }
 
 
@@ -48,11 +61,14 @@ class InputSpec:
 
     ``shape`` holds ints for fixed dims and ``None`` for symbolic/unknown ones; ``batch_axis`` is
     the first symbolic dim (``None`` when every dim is fixed: the batch is then the fixed dim 0).
+    ``kind`` is ``"tensor"``, or what else the input holds (``"sequence"``, ``"optional"``,
+    ``"map"``, ``"sparse tensor"``).
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
+    kind: str = "tensor"
 
     @property
     def batch_axis(self) -> int | None:
@@ -81,7 +97,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
     try:  # over 2 GB the checker reads the file (it cannot serialise the model)
         onnx.checker.check_model(model if not is_large(model) else os.fspath(path))
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         raise InvalidModelError(
             f"{path}: the ONNX checker rejects the model: {first_line(exc)}"
         ) from None
@@ -107,7 +123,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             shape = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
-        specs.append(InputSpec(value.name, dtype, shape))
+        kind = _KINDS.get(value.type.WhichOneof("value") or "", "tensor")
+        specs.append(InputSpec(value.name, dtype, shape, kind))
     return specs
 
 
@@ -143,7 +160,7 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     at any point leaves no partial file at ``output``.
     """
     out = check_output_path(output)
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
     if not is_large(proto):
         return atomic_write(out, proto.SerializeToString())
     return _save_with_external_data(proto, out)

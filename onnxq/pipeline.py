@@ -26,8 +26,9 @@ from onnxq.calibration.readers import open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, QuantMode
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
 from onnxq.executor import Executor
+from onnxq.ir_io import from_proto, to_proto
 from onnxq.isa import cpu_features
-from onnxq.model_io import input_specs, is_large, model_proto
+from onnxq.model_io import CHECKER_ERRORS, input_specs, is_large, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
@@ -285,14 +286,14 @@ def prepare_float(
     given) as an IR model and as a proto, and notes for the report. The opset is raised to the
     target's ``min_opset``, or to ``min_opset`` where that is higher (a mode's need)."""
     opset = max(get_target(config.target).min_opset, min_opset or 0)
-    float_model = prepare(ir.from_proto(proto), min_opset=opset)
-    float_proto = ir.to_proto(float_model)
+    float_model = prepare(from_proto(proto), min_opset=opset)
+    float_proto = to_proto(float_model)
     notes = non_tensor_note(float_model)
     if config.smooth and calibration_data is not None:
         changed, smooth_notes = smooth_from_data(float_model, float_proto, calibration_data, config)
         notes += smooth_notes
         if changed:
-            float_proto = ir.to_proto(float_model)
+            float_proto = to_proto(float_model)
     return float_model, float_proto, notes
 
 
@@ -370,14 +371,14 @@ def finish(
     intermediate shapes, record provenance, and check with ``full_check`` (a failure is our
     bug)."""
     store_half_weights(model)
-    out = ir.to_proto(model)
+    out = to_proto(model)
     drop_value_info(out)
     stamp_provenance(out, config, mode)
     if is_large(out):  # cannot be serialised for the checker: save_model checks its files
         return out
     try:
         onnx.checker.check_model(out, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         raise QuantizationError(
             f"the quantized model fails the ONNX checker: {first_line(exc)}"
         ) from None

@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.collect import augment_outputs, graph_session
@@ -35,6 +34,7 @@ from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
 from onnxq.evaluate import sqnr_db
 from onnxq.executor import Executor, local_executor
+from onnxq.ir_io import from_proto
 from onnxq.model_io import input_specs, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
@@ -113,7 +113,7 @@ class _Study:
     def build(self, excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[NodeDecision]]:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
         config = self.config.replace(exclude_nodes=self.config.exclude_nodes + patterns)
-        float_model = ir.from_proto(self.float_proto)  # each variant rewrites its own copy
+        float_model = from_proto(self.float_proto)  # each variant rewrites its own copy
         return build_quantized(float_model, self.calibration, config, self.rounded)
 
     def outputs(self, model: onnx.ModelProto, names: Sequence[str] = ()) -> list[np.ndarray]:

@@ -80,7 +80,7 @@ NODE_CASES = (
     "test_resize_upsample_scales_linear", "test_instancenorm_example", "test_mvn",
     "test_prelu_broadcast", "test_where_example", "test_gelu_tanh_1", "test_lrn",
     "test_gathernd_example_float32", "test_bitwise_and_ui8_bcast_4v3d", "test_reflect_pad",
-    "test_nonzero_example", "test_topk", "test_roialign_aligned_true",
+    "test_nonzero_example", "test_top_k", "test_roialign_aligned_true",
 )  # fmt: skip
 
 # Model directories in the wheel, with their test data: PyTorch's old exporter at opset 6-9.
@@ -91,7 +91,7 @@ DATA_DIRS = (
     "pytorch-converted/test_Embedding", "pytorch-converted/test_GLU",
     "pytorch-converted/test_PixelShuffle", "pytorch-operator/test_operator_conv",
     "pytorch-operator/test_operator_mm", "pytorch-operator/test_operator_addmm",
-    "pytorch-operator/test_operator_lstm", "simple/test_sequence_model1",
+    "pytorch-operator/test_operator_non_float_params", "simple/test_sequence_model1",
     "simple/test_sequence_model5", "simple/test_single_relu_model", "simple/test_gradient_of_add",
     "light/light_squeezenet.onnx", "light/light_shufflenet.onnx",
 )  # fmt: skip
@@ -219,10 +219,7 @@ def _scripted_if() -> Any:
             self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if bool(x.sum() > 0):
-                y = self.a(x)
-            else:
-                y = self.b(x).relu()
+            y = self.a(x) if bool(x.sum() > 0) else self.b(x).relu()
             for _ in range(int(x.shape[0])):
                 y = self.a(y).tanh()
             return y
@@ -314,8 +311,8 @@ def _sklearn_model(name: str, opset: int) -> tuple[onnx.ModelProto, Feed | None]
 
 
 SKLEARN_CASES = (
-    ("logreg", 9), ("logreg", 17), ("forest", 12), ("mlp", 13), ("mlp", 21), ("svc", 10),
-    ("scaler_pca_linear", 17), ("mlp_regressor", 19),
+    ("logreg", 9), ("logreg", 17), ("forest", 12), ("forest", 15), ("mlp", 13), ("mlp", 21),
+    ("svc", 10), ("scaler_pca_linear", 17), ("mlp_regressor", 19),
 )  # fmt: skip
 
 
@@ -365,9 +362,7 @@ def _branch(name: str, weight: str, op: str) -> onnx.GraphProto:
 
 def if_with_weights(opset: int) -> onnx.ModelProto:
     nodes = [
-        oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0)
-        if opset < 13
-        else oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        oh.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
         oh.make_node("Greater", ["s", "zero"], ["c"]),
         oh.make_node(
             "If",
@@ -408,7 +403,8 @@ def loop_with_weights() -> onnx.ModelProto:
 
 def scan_with_weights() -> onnx.ModelProto:
     body = oh.make_graph(
-        [oh.make_node("MatMul", ["xt", "W"], ["m"]), oh.make_node("Add", ["m", "acc_in"], ["acc_out"]),
+        [oh.make_node("MatMul", ["xt", "W"], ["m"]),
+         oh.make_node("Add", ["m", "acc_in"], ["acc_out"]),
          oh.make_node("Relu", ["acc_out"], ["yt"])],
         "body",
         [oh.make_tensor_value_info("acc_in", onnx.TensorProto.FLOAT, [H]),
@@ -424,8 +420,9 @@ def scan_with_weights() -> onnx.ModelProto:
 
 def string_input() -> onnx.ModelProto:
     nodes = [
-        oh.make_node("LabelEncoder", ["x"], ["f"], domain="ai.onnx.ml", keys_strings=["a", "b", "c"],
-                     values_floats=[0.5, -1.0, 2.0], default_float=0.0),
+        oh.make_node("LabelEncoder", ["x"], ["f"], domain="ai.onnx.ml",
+                     keys_strings=["a", "b", "c"], values_floats=[0.5, -1.0, 2.0],
+                     default_float=0.0),
         oh.make_node("MatMul", ["f", "W"], ["y"]),
     ]  # fmt: skip
     return _graph_model(

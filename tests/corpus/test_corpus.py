@@ -23,7 +23,7 @@ from support import sqnr_db
 
 from onnxq.cli import main
 from onnxq.dynamic import quantize_dynamic_with_report
-from onnxq.errors import OnnxqError, message_lines
+from onnxq.errors import CalibrationDataError, OnnxqError, message_lines
 from onnxq.pipeline import QuantResult, quantize_with_report
 
 SQNR_FLOOR_DB = 15.0  # int8 against fp32 on the data it was calibrated on: "close-ish"
@@ -78,7 +78,7 @@ def _outcome(
     onnx.checker.check_model(result.model, full_check=True)
     try:
         reference = _run(model, feed)
-    except Exception:  # noqa: BLE001 - ONNX Runtime cannot run the input: the checker is the oracle
+    except Exception:  # ONNX Runtime cannot run the input: the checker is the oracle
         return "quantized"
     _close(reference, _run(result.model, feed), where)
     return "quantized"
@@ -94,6 +94,10 @@ def test_valid_output_or_one_line_refusal(entry: Entry) -> None:
         model, feed, lambda: quantize_dynamic_with_report(model), f"{entry.id} dynamic"
     )
     assert static in ("quantized", "refused") and dynamic in ("quantized", "refused")
+    if dynamic == "refused":  # no data was given: made-up tokens must never be the reason
+        with pytest.raises(OnnxqError) as refusal:
+            quantize_dynamic_with_report(model)
+        assert not isinstance(refusal.value, CalibrationDataError), refusal.value
 
 
 def test_corpus_spans_sources_and_opsets() -> None:
