@@ -8,9 +8,7 @@ tokens light up the same channels as real sentences. So, when no calibration dat
 - an input that indexes a constant table (``Gather`` indices, possibly through ``Cast``,
   ``Unsqueeze``, ``Squeeze``, ``Reshape``, ``Flatten``, ``Identity``) is drawn uniformly from the
   table's rows (the smallest table it indexes); any other integer input (attention masks) is 1;
-- the batch axis holds the samples; other symbolic dims get ``seq_len``;
-- inputs that share no batch axis (fixed leading dims that differ, or fixed next to symbolic
-  ones) get no synthetic data: no one sample count fits them all.
+- the batch axis holds the samples; other symbolic dims get ``seq_len``.
 
 Models with any float input get no synthetic data: random images or signals are no proxy.
 """
@@ -35,9 +33,6 @@ def synthetic_token_feeds(
     specs = input_specs(model)
     if not specs or any(s.shape is None or s.dtype.kind not in "iu" for s in specs):
         return None
-    fixed = {spec.shape[0] for spec in specs if spec.batch_axis is None and spec.shape}
-    if len(fixed) > 1 or (fixed and any(spec.batch_axis is not None for spec in specs)):
-        return None  # no shared batch axis: no one sample count fits every input
     rng = np.random.default_rng(seed)
     feeds = {}
     for spec in specs:
