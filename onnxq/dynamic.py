@@ -22,7 +22,7 @@ from onnxq.config import QuantConfig, QuantMode, WeightRounding
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.ir_io import from_proto, to_proto
-from onnxq.model_io import input_specs, model_proto
+from onnxq.model_io import input_specs, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
@@ -84,8 +84,8 @@ def quantize_dynamic_with_report(
     quality = _quality(prepared, out, decisions, calibration_data, smoothing_data, config, notes)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=0,
         reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,

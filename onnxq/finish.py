@@ -17,7 +17,7 @@ import onnx
 from onnxq.config import QuantConfig
 from onnxq.errors import UnsupportedModelError
 from onnxq.ir_io import from_proto
-from onnxq.model_io import model_proto
+from onnxq.model_io import model_bytes, model_proto
 from onnxq.passes.convert_qdq_scheme import ConvertSchemePass
 from onnxq.passes.finish_qdq import FinishLog, FinishQDQPass
 from onnxq.passes.fold_constants import FoldConstantsPass
@@ -81,8 +81,8 @@ def finish_qdq_with_report(
     out.metadata_props.add(key="onnxq.finished", value=json.dumps(finished, sort_keys=True))
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=0,
         reduce_range=bool(config.reduce_range),
         reduce_range_reason="the model's own weights",

@@ -16,7 +16,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from onnxq.errors import InvalidModelError, OutputPathError, first_line
 from onnxq.ir_io import to_proto
@@ -27,6 +27,13 @@ EXTERNAL_THRESHOLD = 1024  # bytes: weights at least this large go to the data f
 # What ``onnx.checker.check_model`` raises for a model it rejects (``full_check`` runs strict
 # shape inference, which raises its own error type).
 CHECKER_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
+# Element types narrower than a byte (numpy holds them one per byte).
+_SUBBYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
 
 # ONNX element types a model input can have that calibration data can supply.
 _NP_DTYPES = {
@@ -148,7 +155,29 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Over protobuf's 2 GB limit: cannot be serialised as one message."""
-    return model.ByteSize() > PROTOBUF_LIMIT
+    return model_bytes(model) > PROTOBUF_LIMIT
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size; over 2 GB (which protobuf refuses to size, slowly), its weights'
+    bytes, counted from their shapes and types without reading them."""
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if weights > PROTOBUF_LIMIT:
+        return weights
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return weights
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """In-memory bytes of a tensor's values, from its dims and element type."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    bits = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * 8
+    if tensor.data_type in _SUBBYTE_BITS:
+        bits = _SUBBYTE_BITS[tensor.data_type]
+    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:

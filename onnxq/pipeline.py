@@ -28,7 +28,7 @@ from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_l
 from onnxq.executor import Executor
 from onnxq.ir_io import from_proto, to_proto
 from onnxq.isa import cpu_features
-from onnxq.model_io import CHECKER_ERRORS, input_specs, is_large, model_proto
+from onnxq.model_io import CHECKER_ERRORS, input_specs, is_large, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
@@ -189,8 +189,8 @@ def quantize_with_report(
     quality = check_quality(float_proto, out, decisions, calibration_data, config)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=calibration.samples,
         reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,

@@ -35,7 +35,7 @@ from onnxq.errors import ConfigError
 from onnxq.evaluate import sqnr_db
 from onnxq.executor import Executor, local_executor
 from onnxq.ir_io import from_proto
-from onnxq.model_io import input_specs, model_proto
+from onnxq.model_io import input_specs, model_bytes, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
     ModelSource,
@@ -90,7 +90,7 @@ class _Study:
     ) -> None:
         proto = model_proto(model)
         refuse_quantized(proto)
-        self.size_before = proto.ByteSize()
+        self.size_before = model_bytes(proto)
         self.config, self.reduce_reason = resolve_config(config, QuantMode.STATIC)
         config = self.config
         float_model, self.float_proto, self.notes = prepare_float(proto, config, calibration_data)
@@ -266,7 +266,7 @@ def _report(
     return QuantizationReport(
         decisions=decisions,
         size_before=study.size_before,
-        size_after=model.ByteSize(),
+        size_after=model_bytes(model),
         samples=study.calibration.samples,
         reduce_range=study.config.reduce_range,
         reduce_range_reason=study.reduce_reason,
