@@ -22,7 +22,7 @@ from onnxq.config import QuantConfig, QuantMode, WeightRounding
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.ir_io import from_proto, to_proto
-from onnxq.model_io import input_specs, model_bytes, model_proto
+from onnxq.model_io import input_specs, is_large, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
@@ -34,6 +34,7 @@ from onnxq.pipeline import (
     finish,
     prepare_float,
     quality_fields,
+    refuse_large_for_data,
     refuse_quantized,
     resolve_config,
 )
@@ -69,6 +70,8 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
+    if calibration_data is not None:
+        refuse_large_for_data(proto)
     plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
     smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
     notes += smooth_notes
@@ -103,7 +106,7 @@ def _smooth(
     """SmoothQuant on a copy of the prepared float model, from the calibration data, else
     (token models) from random token sequences: the smoothed model (``None`` where nothing was
     smoothed), the data it read, and notes."""
-    if not config.smooth:
+    if not config.smooth or is_large(prepared):  # over 2 GB ORT cannot be handed the model
         return None, None, []
     data, notes = calibration_data, []
     if data is None:
