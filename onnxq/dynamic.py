@@ -19,9 +19,10 @@ from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
 from onnxq.config import QuantConfig, QuantMode, WeightRounding
-from onnxq.errors import CalibrationDataError, first_line
+from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
-from onnxq.model_io import input_specs, model_proto
+from onnxq.ir_io import from_proto, to_proto
+from onnxq.model_io import input_specs, is_large, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
@@ -33,10 +34,12 @@ from onnxq.pipeline import (
     finish,
     prepare_float,
     quality_fields,
+    refuse_large_for_data,
     refuse_quantized,
     resolve_config,
 )
-from onnxq.runtime import make_session
+from onnxq.quality import OutputQuality
+from onnxq.runtime import make_session, run_float_outputs
 from onnxq.smoothing import smooth_from_data
 from onnxq.targets import get_target
 
@@ -67,6 +70,8 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
+    if calibration_data is not None:
+        refuse_large_for_data(proto)
     plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
     smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
     notes += smooth_notes
@@ -79,12 +84,11 @@ def quantize_dynamic_with_report(
             proto, smoothed, plain, smoothing_data, config
         )
         notes.append(verdict)
-    data = calibration_data if calibration_data is not None else smoothing_data
-    quality = check_quality(prepared, out, decisions, data, config)
+    quality = _quality(prepared, out, decisions, calibration_data, smoothing_data, config, notes)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=0,
         reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,
@@ -102,7 +106,7 @@ def _smooth(
     """SmoothQuant on a copy of the prepared float model, from the calibration data, else
     (token models) from random token sequences: the smoothed model (``None`` where nothing was
     smoothed), the data it read, and notes."""
-    if not config.smooth:
+    if not config.smooth or is_large(prepared):  # over 2 GB ORT cannot be handed the model
         return None, None, []
     data, notes = calibration_data, []
     if data is None:
@@ -113,7 +117,7 @@ def _smooth(
             f"SmoothQuant statistics from {SYNTHETIC_SEQUENCES} random token sequences "
             "(no calibration data given)"
         ]
-    model = ir.from_proto(prepared)
+    model = from_proto(prepared)
     try:
         changed, smooth_notes = smooth_from_data(model, prepared, data, config)
     except CalibrationDataError as exc:
@@ -122,6 +126,28 @@ def _smooth(
         # smoothing is optional: this model just cannot take made-up tokens
         return None, None, [f"SmoothQuant skipped: random token sequences fail ({first_line(exc)})"]
     return (model if changed else None), data, notes + smooth_notes
+
+
+def _quality(
+    prepared: onnx.ModelProto,
+    out: onnx.ModelProto,
+    decisions: list[NodeDecision],
+    calibration_data: Any,
+    smoothing_data: Any,
+    config: QuantConfig,
+    notes: list[str],
+) -> OutputQuality | None:
+    """Output quality on the user's data, else on the random token sequences; those are made
+    up, so a failure on them is a note, never a refusal."""
+    if calibration_data is not None:
+        return check_quality(prepared, out, decisions, calibration_data, config)
+    try:
+        return check_quality(prepared, out, decisions, smoothing_data, config)
+    except OnnxqError as exc:
+        notes.append(
+            f"output quality not measured: random token sequences fail ({first_line(exc)})"
+        )
+        return None
 
 
 def _keep_smoothing_if_it_pays(
@@ -164,7 +190,7 @@ def _weight_hessians(float_model: ir.Model, config: QuantConfig, data: Any) -> d
         return {}
     plan = plan_quantization(float_model, config.replace(op_types=("MatMul",)))
     weights_only = QuantPlan(nodes=plan.nodes)
-    proto = ir.to_proto(float_model)
+    proto = to_proto(float_model)
     calibration = calibrate_plan(proto, weights_only, data, config, methods=(), hessians=True)
     return calibration.hessians or {}
 
@@ -179,5 +205,5 @@ def _output_sqnr(
     outputs: list[list[np.ndarray]] = [[] for _ in sessions]
     for feed in feeds:
         for collected, session in zip(outputs, sessions, strict=True):
-            collected += [o for o in session.run(None, feed) if np.asarray(o).dtype.kind == "f"]
+            collected += run_float_outputs(session, feed)
     return [sqnr_db(outputs[0], got) for got in outputs[1:]]

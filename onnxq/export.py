@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 
 from onnxq.errors import ConfigError, ExportError, first_line, message_lines
-from onnxq.model_io import check_output_path, save_model
+from onnxq.model_io import CHECKER_ERRORS, check_output_path, save_model
 
 PathLike = str | os.PathLike[str]
 Exporter = Literal["torchscript", "dynamo"]
@@ -161,7 +161,7 @@ def export_torch(
 
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         reason = first_line(exc)
         raise ExportError(f"the exported model fails the ONNX checker: {reason}") from None
     if dynamic_batch:

@@ -13,11 +13,11 @@ import json
 from collections import defaultdict
 
 import onnx
-import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.errors import UnsupportedModelError
-from onnxq.model_io import model_proto
+from onnxq.ir_io import from_proto
+from onnxq.model_io import model_bytes, model_proto
 from onnxq.passes.convert_qdq_scheme import ConvertSchemePass
 from onnxq.passes.finish_qdq import FinishLog, FinishQDQPass
 from onnxq.passes.fold_constants import FoldConstantsPass
@@ -60,7 +60,7 @@ def finish_qdq_with_report(
         )
     _refuse_operator_form(proto)
     chosen = get_target(target or DEFAULT_TARGET)
-    graph_model = ir.from_proto(proto)
+    graph_model = from_proto(proto)
     for clean in (
         CheckDomainsPass(),
         UpgradeOpsetPass(chosen.min_opset),
@@ -81,8 +81,8 @@ def finish_qdq_with_report(
     out.metadata_props.add(key="onnxq.finished", value=json.dumps(finished, sort_keys=True))
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=0,
         reduce_range=bool(config.reduce_range),
         reduce_range_reason="the model's own weights",

@@ -16,13 +16,24 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 
 from onnxq.errors import InvalidModelError, OutputPathError, first_line
+from onnxq.ir_io import to_proto
 
 PathLike = str | os.PathLike[str]
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: a larger model is written with its weights in OUT.data
 EXTERNAL_THRESHOLD = 1024  # bytes: weights at least this large go to the data file
+# What ``onnx.checker.check_model`` raises for a model it rejects (``full_check`` runs strict
+# shape inference, which raises its own error type).
+CHECKER_ERRORS = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+
+# Element types narrower than a byte (numpy holds them one per byte).
+_SUBBYTE_BITS = {
+    getattr(onnx.TensorProto, name): bits
+    for name, bits in (("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2))
+    if hasattr(onnx.TensorProto, name)
+}
 
 # ONNX element types a model input can have that calibration data can supply.
 _NP_DTYPES = {
@@ -39,6 +50,15 @@ _NP_DTYPES = {
     onnx.TensorProto.INT64: np.int64,
     onnx.TensorProto.UINT64: np.uint64,
     onnx.TensorProto.BOOL: np.bool_,
+    onnx.TensorProto.STRING: np.object_,  # ONNX Runtime takes str arrays as objects
+}
+
+# What a graph input that is not a tensor holds, by its TypeProto field.
+_KINDS = {
+    "sequence_type": "sequence",
+    "optional_type": "optional",
+    "map_type": "map",
+    "sparse_tensor_type": "sparse tensor",
 }
 
 
@@ -48,11 +68,14 @@ class InputSpec:
 
     ``shape`` holds ints for fixed dims and ``None`` for symbolic/unknown ones; ``batch_axis`` is
     the first symbolic dim (``None`` when every dim is fixed: the batch is then the fixed dim 0).
+    ``kind`` is ``"tensor"``, or what else the input holds (``"sequence"``, ``"optional"``,
+    ``"map"``, ``"sparse tensor"``).
     """
 
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
+    kind: str = "tensor"
 
     @property
     def batch_axis(self) -> int | None:
@@ -81,7 +104,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
     try:  # over 2 GB the checker reads the file (it cannot serialise the model)
         onnx.checker.check_model(model if not is_large(model) else os.fspath(path))
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         raise InvalidModelError(
             f"{path}: the ONNX checker rejects the model: {first_line(exc)}"
         ) from None
@@ -107,7 +130,8 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             shape = tuple(
                 d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim
             )
-        specs.append(InputSpec(value.name, dtype, shape))
+        kind = _KINDS.get(value.type.WhichOneof("value") or "", "tensor")
+        specs.append(InputSpec(value.name, dtype, shape, kind))
     return specs
 
 
@@ -131,7 +155,29 @@ def check_output_path(output: PathLike, *inputs: PathLike) -> Path:
 
 def is_large(model: onnx.ModelProto) -> bool:
     """Over protobuf's 2 GB limit: cannot be serialised as one message."""
-    return model.ByteSize() > PROTOBUF_LIMIT
+    return model_bytes(model) > PROTOBUF_LIMIT
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size; over 2 GB (which protobuf refuses to size, slowly), its weights'
+    bytes, counted from their shapes and types without reading them."""
+    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    if weights > PROTOBUF_LIMIT:
+        return weights
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return weights
+
+
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """In-memory bytes of a tensor's values, from its dims and element type."""
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
+    bits = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize * 8
+    if tensor.data_type in _SUBBYTE_BITS:
+        bits = _SUBBYTE_BITS[tensor.data_type]
+    return (math.prod(tensor.dims) * bits + 7) // 8
 
 
 def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
@@ -143,7 +189,7 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     at any point leaves no partial file at ``output``.
     """
     out = check_output_path(output)
-    proto = ir.to_proto(model) if isinstance(model, ir.Model) else model
+    proto = to_proto(model) if isinstance(model, ir.Model) else model
     if not is_large(proto):
         return atomic_write(out, proto.SerializeToString())
     return _save_with_external_data(proto, out)

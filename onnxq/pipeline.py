@@ -26,8 +26,9 @@ from onnxq.calibration.readers import open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, QuantMode
 from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_line
 from onnxq.executor import Executor
+from onnxq.ir_io import from_proto, to_proto
 from onnxq.isa import cpu_features
-from onnxq.model_io import input_specs, is_large, model_proto
+from onnxq.model_io import CHECKER_ERRORS, input_specs, is_large, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
@@ -129,7 +130,9 @@ def calibrate(
     tensors observed) follows the config's op-type and node filters.
     """
     config, _ = resolve_config(config, QuantMode.STATIC)
-    float_model, float_proto, _ = prepare_float(model_proto(model), config)
+    proto = model_proto(model)
+    refuse_large_for_data(proto)
+    float_model, float_proto, _ = prepare_float(proto, config)
     plan = plan_quantization(float_model, config)
     return calibrate_plan(
         float_proto,
@@ -170,6 +173,8 @@ def quantize_with_report(
         raise ConfigError("give calibration data or a ranges file (exactly one of them)")
     config, reduce_reason = resolve_config(config, QuantMode.STATIC)
     refuse_quantized(proto)
+    if calibration_data is not None:
+        refuse_large_for_data(proto)
     float_model, float_proto, notes = prepare_float(proto, config, calibration_data)
     plan = plan_quantization(float_model, config)
     if ranges is not None:
@@ -188,8 +193,8 @@ def quantize_with_report(
     quality = check_quality(float_proto, out, decisions, calibration_data, config)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=calibration.samples,
         reduce_range=config.reduce_range,
         reduce_range_reason=reduce_reason,
@@ -285,14 +290,14 @@ def prepare_float(
     given) as an IR model and as a proto, and notes for the report. The opset is raised to the
     target's ``min_opset``, or to ``min_opset`` where that is higher (a mode's need)."""
     opset = max(get_target(config.target).min_opset, min_opset or 0)
-    float_model = prepare(ir.from_proto(proto), min_opset=opset)
-    float_proto = ir.to_proto(float_model)
+    float_model = prepare(from_proto(proto), min_opset=opset)
+    float_proto = to_proto(float_model)
     notes = non_tensor_note(float_model)
     if config.smooth and calibration_data is not None:
         changed, smooth_notes = smooth_from_data(float_model, float_proto, calibration_data, config)
         notes += smooth_notes
         if changed:
-            float_proto = ir.to_proto(float_model)
+            float_proto = to_proto(float_model)
     return float_model, float_proto, notes
 
 
@@ -346,6 +351,17 @@ QUANTIZED_OPS = frozenset(
 )
 
 
+def refuse_large_for_data(model: onnx.ModelProto) -> None:
+    """Running a model on data (calibration, SmoothQuant, quality checks) hands it to ONNX
+    Runtime as one protobuf message, which cannot exceed 2 GB: refused before any work."""
+    if is_large(model):
+        raise UnsupportedModelError(
+            "the model is over protobuf's 2 GB limit, and onnxq cannot yet run one on "
+            "calibration data: quantize it with --mode dynamic or --mode weight-only, "
+            "without --calib"
+        )
+
+
 def refuse_quantized(model: onnx.ModelProto) -> None:
     """An already quantized model is refused: onnxq starts from the float model, or finishes a
     QDQ model with its own qparams (static mode without data, ``onnxq.finish``)."""
@@ -370,14 +386,14 @@ def finish(
     intermediate shapes, record provenance, and check with ``full_check`` (a failure is our
     bug)."""
     store_half_weights(model)
-    out = ir.to_proto(model)
+    out = to_proto(model)
     drop_value_info(out)
     stamp_provenance(out, config, mode)
     if is_large(out):  # cannot be serialised for the checker: save_model checks its files
         return out
     try:
         onnx.checker.check_model(out, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except CHECKER_ERRORS as exc:
         raise QuantizationError(
             f"the quantized model fails the ONNX checker: {first_line(exc)}"
         ) from None

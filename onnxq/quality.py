@@ -23,7 +23,7 @@ import onnx
 from onnxq.calibration.collect import augment_outputs, graph_session
 from onnxq.evaluate import sqnr_db
 from onnxq.passes.plan import NodeDecision
-from onnxq.runtime import make_session
+from onnxq.runtime import make_session, run_float_outputs
 
 QUALITY_BATCHES = 4
 ANCHORS = frozenset({"Conv", "Gemm", "MatMul"})
@@ -103,12 +103,7 @@ def measure_quality(
 
 def _float_outputs(model: onnx.ModelProto, batches: list[Feed]) -> list[np.ndarray]:
     session = make_session(model.SerializeToString())
-    return [
-        np.asarray(out, dtype=np.float64)
-        for feed in batches
-        for out in session.run(None, feed)
-        if np.asarray(out).dtype.kind == "f"
-    ]
+    return [out.astype(np.float64) for feed in batches for out in run_float_outputs(session, feed)]
 
 
 def _cosine(reference: list[np.ndarray], actual: list[np.ndarray]) -> float:
@@ -139,7 +134,8 @@ def _suspects(
         return ()
     names = [tensor for _, tensor in anchors]
     ref, out = (
-        graph_session(augment_outputs(m, names)).run(names, feed) for m in (reference, quantized)
+        run_float_outputs(graph_session(augment_outputs(m, names)), feed, names)
+        for m in (reference, quantized)
     )
     order = {n.name: i for i, n in enumerate(reference.graph.node)}
     low = [

@@ -7,7 +7,8 @@ Rules:
    ``CUDAExecutionProvider`` (ORT quietly falls back to CPU when the CUDA libraries fail to load).
 2. A CUDA session still lists ``CPUExecutionProvider`` second: ORT places the few nodes CUDA has
    no kernel for on the CPU (that is per-node placement, not a session-level fallback).
-3. Session-creation and run failures inside ORT become ``InvalidModelError`` with one line.
+3. Session-creation and run failures inside ORT become ``InvalidModelError`` with one line;
+   a run that fails on the caller's data (``run_float_outputs``), ``CalibrationDataError``.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from onnxq.errors import InvalidModelError, ProviderError, first_line
+from onnxq.errors import CalibrationDataError, InvalidModelError, ProviderError, first_line
 from onnxq.isa import cpu_features, cpuinfo_value
 
 PathLike = str | os.PathLike[str]
@@ -149,6 +151,18 @@ def make_session(
             "onnxruntime-gpu build?); refusing to measure on the wrong device"
         )
     return session
+
+
+def run_float_outputs(
+    session: ort.InferenceSession, feed: dict[str, Any], names: list[str] | None = None
+) -> list[np.ndarray]:
+    """The float tensor outputs of one run (sequences, maps and other types left out); an ORT
+    failure on this feed is a one-line ``CalibrationDataError``."""
+    try:
+        outputs = session.run(names, feed)
+    except Exception as exc:  # ORT raises several unrelated exception types
+        raise CalibrationDataError(f"ONNX Runtime fails on the data: {first_line(exc)}") from None
+    return [o for o in outputs if isinstance(o, np.ndarray) and o.dtype.kind == "f"]
 
 
 def environment(

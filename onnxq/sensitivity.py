@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import onnx
-import onnx_ir as ir
 
 from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.calibration.collect import augment_outputs, graph_session
@@ -35,7 +34,8 @@ from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
 from onnxq.evaluate import sqnr_db
 from onnxq.executor import Executor, local_executor
-from onnxq.model_io import input_specs, model_proto
+from onnxq.ir_io import from_proto
+from onnxq.model_io import input_specs, model_bytes, model_proto
 from onnxq.passes.plan import NodeDecision, plan_quantization
 from onnxq.pipeline import (
     ModelSource,
@@ -90,7 +90,7 @@ class _Study:
     ) -> None:
         proto = model_proto(model)
         refuse_quantized(proto)
-        self.size_before = proto.ByteSize()
+        self.size_before = model_bytes(proto)
         self.config, self.reduce_reason = resolve_config(config, QuantMode.STATIC)
         config = self.config
         float_model, self.float_proto, self.notes = prepare_float(proto, config, calibration_data)
@@ -113,7 +113,7 @@ class _Study:
     def build(self, excluded: Sequence[str] = ()) -> tuple[onnx.ModelProto, list[NodeDecision]]:
         patterns = tuple(f"^{re.escape(name)}$" for name in excluded)
         config = self.config.replace(exclude_nodes=self.config.exclude_nodes + patterns)
-        float_model = ir.from_proto(self.float_proto)  # each variant rewrites its own copy
+        float_model = from_proto(self.float_proto)  # each variant rewrites its own copy
         return build_quantized(float_model, self.calibration, config, self.rounded)
 
     def outputs(self, model: onnx.ModelProto, names: Sequence[str] = ()) -> list[np.ndarray]:
@@ -266,7 +266,7 @@ def _report(
     return QuantizationReport(
         decisions=decisions,
         size_before=study.size_before,
-        size_after=model.ByteSize(),
+        size_after=model_bytes(model),
         samples=study.calibration.samples,
         reduce_range=study.config.reduce_range,
         reduce_range_reason=study.reduce_reason,

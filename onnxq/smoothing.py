@@ -12,6 +12,7 @@ import onnx_ir as ir
 from onnxq.calibration.collect import observe
 from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig
+from onnxq.ir_io import from_proto, to_proto
 from onnxq.model_io import input_specs
 from onnxq.passes.smooth_quant import (
     ChannelStatsObserver,
@@ -54,7 +55,7 @@ def smooth_model(
         if not first_feed:
             first_feed.append(feed)
 
-    proto = ir.to_proto(model) if proto is None else proto
+    proto = to_proto(model) if proto is None else proto
     observers = {
         name: [obs] + ([first[name]] if name in first else []) for name, obs in stats.items()
     }
@@ -87,7 +88,7 @@ def verified_routes(
     with every such route taken, rerun the first batch, compare ``X_new * s`` with ``X``."""
     if not stats or not feed:
         return frozenset()
-    trial = ir.from_proto(proto)
+    trial = from_proto(proto)
     trial_smooth = SmoothQuantPass(stats, alpha, verified_routes=None)
     scales = {
         name: trial_smooth.scale(name, nodes)
@@ -96,7 +97,7 @@ def verified_routes(
     }
     trial_smooth(trial)
     after = {name: FirstBatch() for name in stats}
-    observe(ir.to_proto(trial), {name: [obs] for name, obs in after.items()}, feed)
+    observe(to_proto(trial), {name: [obs] for name, obs in after.items()}, feed)
     verified = set()
     for name, scale in scales.items():
         reference, smoothed = before[name].value, after[name].value

@@ -18,7 +18,7 @@ import onnx
 from onnxq.calibration.calibrate import collect_hessians
 from onnxq.config import QuantConfig, QuantMode, QuantType, WeightRounding
 from onnxq.errors import ConfigError, UnsupportedModelError
-from onnxq.model_io import model_proto
+from onnxq.model_io import model_bytes, model_proto
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.passes.weight_only import (
     WEIGHT_ONLY_OPSET,
@@ -32,6 +32,7 @@ from onnxq.pipeline import (
     QuantResult,
     finish,
     prepare_float,
+    refuse_large_for_data,
     refuse_quantized,
 )
 from onnxq.targets import check_mode, get_target
@@ -83,6 +84,8 @@ def quantize_weight_only_with_report(
         calibration_data = None
     proto = model_proto(model)
     refuse_quantized(proto)
+    if calibration_data is not None:
+        refuse_large_for_data(proto)
     try:
         float_model, float_proto, _ = prepare_float(proto, config, min_opset=WEIGHT_ONLY_OPSET)
     except UnsupportedModelError as exc:
@@ -106,8 +109,8 @@ def quantize_weight_only_with_report(
     out = finish(float_model, config, QuantMode.WEIGHT_ONLY)
     report = QuantizationReport(
         decisions=decisions,
-        size_before=proto.ByteSize(),
-        size_after=out.ByteSize(),
+        size_before=model_bytes(proto),
+        size_after=model_bytes(out),
         samples=samples,
         reduce_range=False,
         reduce_range_reason=REDUCE_RANGE_REASON,

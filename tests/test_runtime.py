@@ -12,8 +12,14 @@ import onnxruntime as ort
 import pytest
 
 from onnxq import runtime
-from onnxq.errors import InvalidModelError, ProviderError
-from onnxq.runtime import Provider, available_providers, environment, make_session
+from onnxq.errors import CalibrationDataError, InvalidModelError, ProviderError
+from onnxq.runtime import (
+    Provider,
+    available_providers,
+    environment,
+    make_session,
+    run_float_outputs,
+)
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -124,3 +130,26 @@ def test_cuda_session_runs_on_cuda(model_path: Path) -> None:
     session = make_session(model_path, "cuda")
     assert session.get_providers()[0] == "CUDAExecutionProvider"
     assert "gpu" in environment("cuda")
+
+
+SPLIT = """
+<ir_version: 8, opset_import: ["" : 17]>
+split (float[N] x, int64[2] shape) => (seq(float) parts, float[N] y, int64[2] n, float[A, B] z) {
+    parts = SplitToSequence<keepdims = 0>(x, two)
+    two = Constant<value = int64[2] {1, 2}>()
+    y = Relu(x)
+    n = Identity(shape)
+    z = Reshape(x, shape)
+}
+"""
+
+
+def test_run_float_outputs_keeps_float_tensors_and_refuses_bad_data_in_one_line():
+    session = make_session(onnx.parser.parse_model(SPLIT).SerializeToString())
+    x = np.array([-1.0, 2.0, 3.0], np.float32)
+    y, z = run_float_outputs(session, {"x": x, "shape": np.array([3, 1])})  # uneven parts skipped
+    np.testing.assert_array_equal(y, [0.0, 2.0, 3.0])
+    assert z.shape == (3, 1)
+    with pytest.raises(CalibrationDataError, match="ONNX Runtime fails on the data") as err:
+        run_float_outputs(session, {"x": x, "shape": np.array([2, 2])})
+    assert "\n" not in str(err.value)

@@ -152,6 +152,12 @@ def open_feeds(
     inputs = tuple(inputs)
     if not inputs:
         raise CalibrationDataError("the model has no inputs to feed calibration data to")
+    for spec in inputs:
+        if spec.kind != "tensor":
+            raise CalibrationDataError(
+                f"input {spec.name!r} is a {spec.kind}, not a tensor: calibration data feeds "
+                "tensor inputs only (quantize --mode dynamic needs no data)"
+            )
 
     def stream(batches: _Batches, description: str, reiterable: bool) -> FeedStream:
         return FeedStream(
@@ -228,6 +234,8 @@ def validate_feed(
     for spec in inputs:
         label = f"input {spec.name!r} {at}"
         arr = _to_array(feed[spec.name], label)
+        if spec.dtype == np.object_ and arr.dtype.kind in "US":  # str arrays: ORT takes objects
+            arr = arr.astype(np.object_)
         _check_array(arr, spec, label)
         out[spec.name] = arr
     return out

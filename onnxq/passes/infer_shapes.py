@@ -9,6 +9,8 @@ from contextlib import contextmanager
 import onnx
 import onnx_ir as ir
 
+from onnxq.ir_io import from_proto, to_proto
+
 DETACH_BYTES = 1024  # weights larger than this are not serialised for inference
 
 
@@ -29,13 +31,13 @@ class InferShapesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         try:
             with detached_weights(model):
-                proto = ir.to_proto(model)
+                proto = to_proto(model)
             inferred = onnx.shape_inference.infer_shapes(
                 proto, check_type=False, strict_mode=False, data_prop=True
             )
         except (onnx.shape_inference.InferenceError, RuntimeError, ValueError):
             return ir.passes.PassResult(model, False)
-        return ir.passes.PassResult(model, _merge(model, ir.from_proto(inferred)))
+        return ir.passes.PassResult(model, _merge(model, from_proto(inferred)))
 
 
 def infer_shapes(model: ir.Model) -> ir.Model:

@@ -10,11 +10,15 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq.errors import ConfigError, UnsupportedModelError, first_line
+from onnxq.ir_io import from_proto, to_proto
+from onnxq.passes.infer_shapes import infer_shapes
 
 logger = logging.getLogger(__name__)
 
 # Op domains onnxq (and ONNX Runtime's CPU provider) understand, besides the model's own functions.
 KNOWN_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+
+PRELU_NUMPY_BROADCAST = 7  # the opset where PRelu's slope broadcasts like numpy
 
 # Initializers above this size travel beside the converter, not through it: they keep the proto
 # small (a > 2 GB model cannot be serialised) and no upgrade adapter reads a weight's values.
@@ -44,6 +48,12 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
        read them at the model's new opset. Other functions are kept as they are.
     4. The converter fails, or leaves the opset below ``min_opset``: ``UnsupportedModelError``
        with a one-line reason.
+    5. An upgrade that would change the model's interface (a graph input's or output's type or
+       fixed shape: the converter rewrites ``Scan``-8's batched inputs to ``Scan``-9's
+       unbatched ones) is refused the same way: the model would no longer take its own data.
+    6. ``PRelu`` below opset 7 broadcasts a 1-D slope over the channel axis (1), from 7 on from
+       the last axis: such a constant slope is reshaped to ``[C, 1, ...]`` for the input's
+       rank first; where that rank or the slope is unknown, the upgrade is refused.
     """
 
     def __init__(self, min_opset: int = 13) -> None:
@@ -70,11 +80,47 @@ class UpgradeOpsetPass(ir.passes.InPlacePass):
 
         if any(stale(function) for function in model.functions.values()):
             common_passes.InlinePass(criteria=stale)(model)
+        if current < PRELU_NUMPY_BROADCAST <= target:
+            _channel_prelu_slopes(model)
         converted = _convert(model, current, target)
         model.graph = converted.graph
         model.ir_version = converted.ir_version
         logger.info("upgraded the default-domain opset from %d to %d", current, self.min_opset)
         return ir.passes.PassResult(model, True)
+
+
+def _channel_prelu_slopes(model: ir.Model) -> None:
+    """Case 6: 1-D ``PRelu`` slopes reshaped to broadcast on axis 1 under numpy rules."""
+    nodes = [n for n in ir.traversal.RecursiveGraphIterator(model.graph) if n.op_type == "PRelu"]
+    if not nodes:
+        return
+    infer_shapes(model)
+    reshaped: dict[tuple[str | None, int], ir.Value] = {}
+    for node in nodes:
+        x, slope = node.inputs[0], node.inputs[1]
+        if slope is None or x is None:
+            continue
+        tensor = slope.const_value
+        rank = None if x.shape is None else len(x.shape)
+        if tensor is not None and (
+            tensor.size == 1 or len(tensor.shape) != 1 or (rank is not None and rank <= 2)
+        ):
+            continue  # a shared slope, or one already shaped: same meaning in both opsets
+        if tensor is None or rank is None:
+            raise UnsupportedModelError(
+                f"cannot upgrade PRelu node {node.name or node.op_type!r} past opset 6: its "
+                "slope broadcasts over channels there, and its slope or input rank is unknown; "
+                "export the model at opset >= 7"
+            )
+        key = (slope.name, rank)
+        if key not in reshaped:
+            shaped = tensor.numpy().reshape((-1,) + (1,) * (rank - 2))
+            name = f"{slope.name}_rank{rank}"
+            value = ir.Value(name=name, const_value=ir.tensor(shaped, name=name))
+            value.shape, value.dtype = ir.Shape(shaped.shape), tensor.dtype
+            node.graph.register_initializer(value)
+            reshaped[key] = value
+        node.replace_input_with(1, reshaped[key])
 
 
 def upgrade_opset(model: ir.Model, *, min_opset: int = 13) -> ir.Model:
@@ -99,7 +145,7 @@ def _convert(model: ir.Model, current: int, target: int) -> ir.Model:
         value.const_value = None
         graph.inputs.append(value)
     try:
-        proto = ir.to_proto(model)
+        proto = to_proto(model)
     finally:
         graph.inputs.clear()
         graph.inputs.extend(original_inputs)
@@ -121,9 +167,10 @@ def _convert(model: ir.Model, current: int, target: int) -> ir.Model:
             f"cannot upgrade the model from opset {current} to {target}: "
             f"the converter stopped at opset {reached}"
         )
+    _check_interface(proto.graph, converted_proto.graph, current, target)
     min_ir = onnx.helper.find_min_ir_version_for(list(converted_proto.opset_import), True)
     converted_proto.ir_version = max(converted_proto.ir_version, min_ir)
-    converted = ir.from_proto(converted_proto)
+    converted = from_proto(converted_proto)
 
     new_graph = converted.graph
     by_name = {value.name: value for value in new_graph.inputs}
@@ -135,6 +182,40 @@ def _convert(model: ir.Model, current: int, target: int) -> ir.Model:
         value.const_value = tensor
         new_graph.register_initializer(value)
     return converted
+
+
+def _check_interface(
+    before: onnx.GraphProto, after: onnx.GraphProto, current: int, target: int
+) -> None:
+    """Case 5: every graph input and output keeps its type and fixed shape."""
+    new = {v.name: _signature(v.type) for v in (*after.input, *after.output)}
+    for value in (*before.input, *before.output):
+        old = _signature(value.type)
+        if (
+            value.name in new
+            and None not in (old[1], new[value.name][1])
+            and new[value.name] != old
+        ):
+            raise UnsupportedModelError(
+                f"cannot upgrade the model from opset {current} to {target}: the converter "
+                f"changes {value.name!r} from {_describe(old)} to {_describe(new[value.name])}, "
+                "so the model would no longer take its own data; export it at a newer opset"
+            )
+
+
+def _signature(type_proto: onnx.TypeProto) -> tuple[int, tuple[int | None, ...] | None]:
+    tensor = type_proto.tensor_type
+    if not tensor.HasField("shape"):
+        return tensor.elem_type, None
+    return tensor.elem_type, tuple(
+        d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim
+    )
+
+
+def _describe(signature: tuple[int, tuple[int | None, ...] | None]) -> str:
+    elem, shape = signature
+    dims = "x".join("?" if d is None else str(d) for d in shape or ())
+    return f"{onnx.helper.tensor_dtype_to_np_dtype(elem).name if elem else 'untyped'}[{dims}]"
 
 
 class CheckDomainsPass(ir.passes.InPlacePass):

@@ -24,6 +24,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq.errors import ConfigError, OnnxqError
+from onnxq.ir_io import from_proto
 from onnxq.model_io import check_output_path, save_model
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import plan_quantization
@@ -68,7 +69,7 @@ def quantized_model(qat_model: Any) -> onnx.ModelProto:
     import torch
 
     spec = qat_model.export_spec
-    model = ir.from_proto(onnx.load_from_string(spec.float_model))
+    model = from_proto(onnx.load_from_string(spec.float_model))
     initializers = model.graph.initializers
     with torch.no_grad():
         for name, weight in zip(spec.latent_names, qat_model.weights, strict=True):

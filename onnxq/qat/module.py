@@ -34,6 +34,7 @@ from torch import nn
 
 from onnxq.config import QuantConfig
 from onnxq.errors import UnsupportedModelError
+from onnxq.ir_io import to_proto
 from onnxq.passes.op_rules import QUANTIZABLE_OPS
 from onnxq.passes.plan import QuantPlan
 from onnxq.qat.fake_quant import FakeQuantize, clip_scale_ceiling, fake_quantize_bias
@@ -109,7 +110,7 @@ class QATModule(nn.Module):
         self._steps = builder.steps
         graph = qdq.graph
         self.export_spec = ExportSpec(
-            float_model=ir.to_proto(float_model).SerializeToString(),
+            float_model=to_proto(float_model).SerializeToString(),
             config=config,
             skip_tensors=frozenset(skip_tensors),
             roots=tuple(builder.roots),

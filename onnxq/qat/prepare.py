@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import onnx
-import onnx_ir as ir
 
 from onnxq.calibration.calibrate import calibrate_plan
 from onnxq.config import QuantConfig, QuantMode, WeightRounding
 from onnxq.errors import ConfigError
 from onnxq.export import export_torch
+from onnxq.ir_io import from_proto
 from onnxq.passes.plan import plan_quantization
 from onnxq.pipeline import build_quantized, calibrated_plan, prepare_float, resolve_config
 from onnxq.targets import DEFAULT_TARGET
@@ -69,10 +69,10 @@ def prepare_qat(
     float_model, float_proto, _ = prepare_float(proto, config, feeds)
     plan = plan_quantization(float_model, config)
     calibration = calibrate_plan(float_proto, plan, feeds, config)
-    qdq, _ = build_quantized(ir.from_proto(float_proto), calibration, config)
+    qdq, _ = build_quantized(from_proto(float_proto), calibration, config)
     final, skip = calibrated_plan(float_model, calibration, config)
     module = QATModule(
-        ir.from_proto(qdq), float_model, final, config, skip_tensors=skip, learn_scales=learn_scales
+        from_proto(qdq), float_model, final, config, skip_tensors=skip, learn_scales=learn_scales
     )
     return module.to(torch.float32)
 

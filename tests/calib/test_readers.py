@@ -357,3 +357,34 @@ def test_torch_dataloader_batches() -> None:
     _raises(lambda: open_feeds(wrong, ONE), "batch 0", "3 items", "1 inputs", "trailing labels")
     _raises(lambda: open_feeds(DataLoader(x, batch_size=5), TWO), "single Tensor", "2 inputs")
     _raises(lambda: open_feeds(DataLoader(x.double(), batch_size=5), ONE), ".astype(np.float32)")
+
+
+@pytest.mark.parametrize(
+    "value_info, kind",
+    [
+        (onnx.helper.make_tensor_sequence_value_info("s", onnx.TensorProto.FLOAT, [2]), "sequence"),
+        (
+            onnx.helper.make_value_info(
+                "s",
+                onnx.helper.make_optional_type_proto(
+                    onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, [2])
+                ),
+            ),
+            "optional",
+        ),
+    ],
+)
+def test_non_tensor_inputs_are_refused_in_one_line(value_info, kind) -> None:
+    graph = onnx.helper.make_graph([], "g", [value_info], [value_info])
+    specs = input_specs(onnx.helper.make_model(graph))
+    assert specs[0].kind == kind
+    with pytest.raises(CalibrationDataError, match=f"input 's' is a {kind}, not a tensor") as err:
+        open_feeds([{"s": [np.zeros(2, np.float32)]}], specs)
+    assert "\n" not in str(err.value)
+
+
+def test_string_inputs_are_fed_as_objects() -> None:
+    (spec,) = _specs("string[N] words")
+    assert spec.dtype == np.object_
+    (feed,) = open_feeds([{"words": np.array(["a", "bc"])}], [spec])
+    assert feed["words"].dtype == np.object_ and list(feed["words"]) == ["a", "bc"]

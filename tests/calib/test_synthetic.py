@@ -86,3 +86,24 @@ def test_dynamic_mode_skips_smoothing_when_random_tokens_fail():
     result = quantize_dynamic_with_report(model)
     assert any(note.startswith("SmoothQuant skipped: random token") for note in result.report.notes)
     assert any(d.quantized and d.op_type == "MatMul" for d in result.report.decisions)
+
+
+def test_dynamic_mode_never_refuses_over_random_tokens():
+    """Integer inputs with different fixed leading dims: the random tokens fit no one batch
+    layout, so the output quality is not measured (and said), and nothing is refused."""
+    from onnxq.dynamic import quantize_dynamic_with_report
+
+    graph = helper.make_graph(
+        [helper.make_node("BitwiseAnd", ["x", "y"], ["z"])],
+        "bitwise",
+        [
+            helper.make_tensor_value_info("x", TensorProto.UINT8, [3, 4]),
+            helper.make_tensor_value_info("y", TensorProto.UINT8, [4]),
+        ],
+        [helper.make_tensor_value_info("z", TensorProto.UINT8, [3, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    result = quantize_dynamic_with_report(model)
+    assert any(
+        n.startswith("output quality not measured: random token") for n in result.report.notes
+    )

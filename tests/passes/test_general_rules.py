@@ -14,6 +14,7 @@ import pytest
 from support import run, sqnr_db
 
 from onnxq.dynamic import quantize_dynamic_with_report
+from onnxq.errors import OnnxqError, message_lines
 from onnxq.pipeline import quantize_with_report
 
 H = 16
@@ -154,3 +155,37 @@ def test_subgraph_bodies_float_and_recorded_in_every_mode(mode):
     (if_node,) = [n for n in result.model.graph.node if n.op_type == "If"]
     for attr in if_node.attribute:
         assert {n.op_type for n in attr.g.node} == {"MatMul"}
+
+
+def test_uneven_sequence_outputs_skipped_by_the_quality_check():
+    """A graph output that is a sequence of differently shaped tensors is no tensor to compare."""
+    nodes = [
+        oh.make_node("MatMul", ["x", "W"], ["a"]),
+        oh.make_node("SplitToSequence", ["a", "split"], ["parts"], axis=1),
+        oh.make_node("MatMul", ["a", "W"], ["y"]),
+    ]
+    split = nh.from_array(np.array([3, H - 3], np.int64), "split")
+    outputs = [
+        oh.make_tensor_sequence_value_info("parts", onnx.TensorProto.FLOAT, None),
+        oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", H]),
+    ]
+    model = _model(nodes, outputs, [_weight("W", (H, H), 6), split])
+    result = quantize_with_report(model, CALIB)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.report.quality is not None and result.report.quantized
+
+
+def test_model_failing_strict_shape_inference_is_one_line_refusal():
+    """The checker's full check raises ``InferenceError`` (not ``ValidationError``) for a graph
+    output whose declared shape contradicts inference: a one-line ``OnnxqError`` all the same."""
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", H])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", H, 2])],
+        [_weight("W", (H, H), 7)],
+    )  # fmt: skip
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(model)  # what loading checks: it passes
+    with pytest.raises(OnnxqError, match="fails the ONNX checker") as refusal:
+        quantize_dynamic_with_report(model)
+    assert len(message_lines(refusal.value)) == 1

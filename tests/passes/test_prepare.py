@@ -358,6 +358,50 @@ def test_upgrade_opset_failure_is_unsupported_model():
         upgrade_opset(ir.from_proto(proto), min_opset=13)
 
 
+def test_upgrade_that_changes_the_interface_is_refused():
+    """Scan-8 takes batched inputs; the converter's Scan-9 drops the batch axis from the graph's
+    own inputs, so the upgraded model would not take the model's data."""
+    body = onnx.helper.make_graph(
+        [onnx.helper.make_node("Add", ["s_in", "v"], ["s_out"])],
+        "body",
+        [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2]) for n in ("s_in", "v")],
+        [onnx.helper.make_tensor_value_info("s_out", onnx.TensorProto.FLOAT, [2])],
+    )
+    scan = onnx.helper.make_node("Scan", ["", "init", "x"], ["y"], body=body, num_scan_inputs=1)
+    graph = onnx.helper.make_graph(
+        [scan],
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("init", onnx.TensorProto.FLOAT, [1, 2]),
+            onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 8)])
+    with pytest.raises(UnsupportedModelError, match="changes 'init' from float32") as refusal:
+        upgrade_opset(ir.from_proto(proto), min_opset=13)
+    assert "\n" not in str(refusal.value)
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_opset6_prelu_slopes_keep_broadcasting_over_channels(rank):
+    """Below opset 7 a [C] slope applies per channel (axis 1); from 7 on, to the last axis."""
+    shape = (2, 3, 4, 5)[:rank]
+    slope = np.array([0.1, -0.5, 2.0], np.float32)
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("PRelu", ["x", "slope"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(shape))],
+        [numpy_helper.from_array(slope, "slope")],
+    )
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 6)])
+    upgraded = upgrade_opset(ir.from_proto(proto), min_opset=13)
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    channel_slope = slope.reshape((3,) + (1,) * (rank - 2))
+    np.testing.assert_allclose(_run(upgraded, {"x": x})[0], np.where(x < 0, x * channel_slope, x))
+
+
 IF_LOOP = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[2,3] x, bool cond) => (float[2,3] y, float[2,3] z) {
