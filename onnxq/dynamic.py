@@ -22,7 +22,7 @@ from onnxq.config import QuantConfig, QuantMode, WeightRounding
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.ir_io import from_proto, to_proto
-from onnxq.model_io import input_specs, is_large, model_bytes, model_proto
+from onnxq.model_io import input_specs, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
@@ -34,7 +34,6 @@ from onnxq.pipeline import (
     finish,
     prepare_float,
     quality_fields,
-    refuse_large_for_data,
     refuse_quantized,
     resolve_config,
 )
@@ -70,8 +69,6 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    if calibration_data is not None:
-        refuse_large_for_data(proto)
     plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
     smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
     notes += smooth_notes
@@ -106,7 +103,7 @@ def _smooth(
     """SmoothQuant on a copy of the prepared float model, from the calibration data, else
     (token models) from random token sequences: the smoothed model (``None`` where nothing was
     smoothed), the data it read, and notes."""
-    if not config.smooth or is_large(prepared):  # over 2 GB ORT cannot be handed the model
+    if not config.smooth:
         return None, None, []
     data, notes = calibration_data, []
     if data is None:
@@ -201,7 +198,7 @@ def _output_sqnr(
     feeds: Iterable[dict[str, np.ndarray]],
 ) -> list[float]:
     """SQNR (dB) of each model's float outputs against ``reference``'s over ``feeds``."""
-    sessions = [make_session(m.SerializeToString()) for m in (reference, *models)]
+    sessions = [make_session(m) for m in (reference, *models)]
     outputs: list[list[np.ndarray]] = [[] for _ in sessions]
     for feed in feeds:
         for collected, session in zip(outputs, sessions, strict=True):

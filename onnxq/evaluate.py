@@ -481,7 +481,7 @@ def measure_accuracy(
         _outputs_of(name, proto) for name, proto in zip(("fp32", "int8"), protos, strict=True)
     ]
     for model, proto in zip(models, protos, strict=True):
-        model.session = make_session(proto.SerializeToString())
+        model.session = make_session(proto)
     feeds = open_feeds(data, specs, batch_size=batch_size, max_samples=max_samples)
     _, (reference, metrics), _ = _accuracy_pass(models, feeds, specs, label_array, 0, None)
     return reference, metrics

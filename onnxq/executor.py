@@ -25,6 +25,8 @@ import abc
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
+import onnx
+
 from onnxq.calibration.collect import Observer, ShardObserver
 from onnxq.calibration.readers import BatchFile, Feed
 from onnxq.errors import ConfigError
@@ -45,7 +47,7 @@ class Executor(abc.ABC):
     @abc.abstractmethod
     def collect(
         self,
-        model: bytes,
+        model: bytes | onnx.ModelProto,
         observers: Mapping[str, Sequence[Observer]],
         batches: Iterable[Batch],
         inputs: Sequence[InputSpec],
@@ -77,7 +79,7 @@ class InProcess(Executor):
 
     def collect(
         self,
-        model: bytes,
+        model: bytes | onnx.ModelProto,
         observers: Mapping[str, Sequence[Observer]],
         batches: Iterable[Batch],
         inputs: Sequence[InputSpec],

@@ -7,7 +7,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -16,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_ir as ir
-from google.protobuf.message import DecodeError, EncodeError
+from google.protobuf.message import DecodeError, EncodeError, Message
 
 from onnxq.errors import InvalidModelError, OutputPathError, first_line
 from onnxq.ir_io import to_proto
@@ -204,14 +205,7 @@ def _save_with_external_data(proto: onnx.ModelProto, out: Path) -> Path:
         raise OutputPathError(f"{out}: cannot write there: {exc.strerror}") from None
     try:
         staged = folder / out.name
-        onnx.save_model(
-            proto,
-            os.fspath(staged),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=EXTERNAL_THRESHOLD,
-        )
+        write_with_external_data(proto, staged, data.name)
         onnx.checker.check_model(os.fspath(staged))
         os.replace(folder / data.name, data)
         os.replace(staged, out)
@@ -220,6 +214,58 @@ def _save_with_external_data(proto: onnx.ModelProto, out: Path) -> Path:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return out
+
+
+def write_with_external_data(model: onnx.ModelProto, path: Path, location: str) -> None:
+    """Write ``model`` to ``path`` with every weight of ``EXTERNAL_THRESHOLD`` bytes or more in
+    ``location`` (a file name beside it), leaving ``model`` itself unchanged."""
+    shell = onnx.ModelProto()
+    _copy_fields(model, shell, skip="graph")
+    shell.graph.CopyFrom(without_initializers(model.graph))
+    with open(path.with_name(location), "wb") as data:
+        for tensor in model.graph.initializer:
+            if _tensor_bytes(tensor) < EXTERNAL_THRESHOLD or not tensor.HasField("raw_data"):
+                shell.graph.initializer.add().CopyFrom(tensor)
+                continue
+            offset, length = data.tell(), len(tensor.raw_data)
+            data.write(tensor.raw_data)
+            reference = shell.graph.initializer.add(
+                name=tensor.name, dims=tensor.dims, data_type=tensor.data_type
+            )
+            reference.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", offset), ("length", length)):
+                reference.external_data.add(key=key, value=str(value))
+    path.write_bytes(shell.SerializeToString())
+
+
+def without_initializers(graph: onnx.GraphProto) -> onnx.GraphProto:
+    """A copy of ``graph`` without its initializers (nodes, interface, value info, ...)."""
+    shell = onnx.GraphProto()
+    _copy_fields(graph, shell, skip="initializer")
+    return shell
+
+
+def _copy_fields(source: Message, target: Message, *, skip: str) -> None:
+    """Copy every set field of ``source`` but ``skip`` into ``target`` (same message type)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if hasattr(value, "extend"):  # a repeated field
+            getattr(target, field.name).extend(value)
+        elif isinstance(value, Message):
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+@contextmanager
+def runnable_path(model: onnx.ModelProto) -> Iterator[Path]:
+    """``model`` in a temporary folder, weights as external data (what ONNX Runtime opens for
+    a model over 2 GB); removed on exit (an open session keeps what it read)."""
+    with tempfile.TemporaryDirectory(prefix="onnxq-run-", ignore_cleanup_errors=True) as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_with_external_data(model, path, "model.onnx.data")
+        yield path
 
 
 def atomic_write(output: PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:

@@ -131,7 +131,6 @@ def calibrate(
     """
     config, _ = resolve_config(config, QuantMode.STATIC)
     proto = model_proto(model)
-    refuse_large_for_data(proto)
     float_model, float_proto, _ = prepare_float(proto, config)
     plan = plan_quantization(float_model, config)
     return calibrate_plan(
@@ -173,8 +172,6 @@ def quantize_with_report(
         raise ConfigError("give calibration data or a ranges file (exactly one of them)")
     config, reduce_reason = resolve_config(config, QuantMode.STATIC)
     refuse_quantized(proto)
-    if calibration_data is not None:
-        refuse_large_for_data(proto)
     float_model, float_proto, notes = prepare_float(proto, config, calibration_data)
     plan = plan_quantization(float_model, config)
     if ranges is not None:
@@ -349,17 +346,6 @@ QUANTIZED_OPS = frozenset(
         "QGemm",
     }
 )
-
-
-def refuse_large_for_data(model: onnx.ModelProto) -> None:
-    """Running a model on data (calibration, SmoothQuant, quality checks) hands it to ONNX
-    Runtime as one protobuf message, which cannot exceed 2 GB: refused before any work."""
-    if is_large(model):
-        raise UnsupportedModelError(
-            "the model is over protobuf's 2 GB limit, and onnxq cannot yet run one on "
-            "calibration data: quantize it with --mode dynamic or --mode weight-only, "
-            "without --calib"
-        )
 
 
 def refuse_quantized(model: onnx.ModelProto) -> None:

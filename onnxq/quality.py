@@ -102,7 +102,7 @@ def measure_quality(
 
 
 def _float_outputs(model: onnx.ModelProto, batches: list[Feed]) -> list[np.ndarray]:
-    session = make_session(model.SerializeToString())
+    session = make_session(model)
     return [out.astype(np.float64) for feed in batches for out in run_float_outputs(session, feed)]
 
 

@@ -33,6 +33,8 @@ import socket
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import onnx
+
 from onnxq.calibration.collect import Observer, ShardObserver
 from onnxq.calibration.parallel import available_cores
 from onnxq.errors import ConfigError, EngineError, OnnxqError, first_line
@@ -107,7 +109,7 @@ class RayExecutor(Executor):
 
     def collect(
         self,
-        model: bytes,
+        model: bytes | onnx.ModelProto,
         observers: Mapping[str, Sequence[Observer]],
         batches: Iterable[Batch],
         inputs: Sequence[InputSpec],
@@ -224,7 +226,7 @@ class _ShardWorker:
 
     def __init__(
         self,
-        model: bytes,
+        model: bytes | onnx.ModelProto,
         plan: dict[str, list[Observer]],
         inputs: tuple[InputSpec, ...],
         threads: int,

@@ -23,11 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxq.errors import CalibrationDataError, InvalidModelError, ProviderError, first_line
 from onnxq.isa import cpu_features, cpuinfo_value
+from onnxq.model_io import is_large, runnable_path
 
 PathLike = str | os.PathLike[str]
 
@@ -103,14 +105,16 @@ def check_provider(provider: Provider | str) -> Provider:
 
 
 def make_session(
-    model_path_or_bytes: PathLike | bytes,
+    model: PathLike | bytes | onnx.ModelProto,
     provider: Provider | str = Provider.CPU,
     *,
     optimization_level: OptimizationLevel | str = OptimizationLevel.ALL,
     optimized_model_path: PathLike | None = None,
     intra_op_threads: int | None = None,
 ) -> ort.InferenceSession:
-    """An ``InferenceSession`` on ``provider`` (see the module rules; no silent fallback).
+    """An ``InferenceSession`` on ``provider`` (see the module rules; no silent fallback) for a
+    path, a serialised model or a ``ModelProto`` (one over 2 GB through a temporary file with
+    external data).
 
     ``optimized_model_path`` makes ORT write the graph it will run (after its optimizations).
     ``intra_op_threads`` ``None`` keeps ORT's default (one thread per physical core).
@@ -129,20 +133,17 @@ def make_session(
     providers = [chosen.ort_name]
     if chosen is not Provider.CPU:
         providers.append(Provider.CPU.ort_name)
-    if isinstance(model_path_or_bytes, bytes):
-        source: str | bytes = model_path_or_bytes
-        label = "model"
+    if isinstance(model, onnx.ModelProto) and is_large(model):
+        with runnable_path(model) as path:
+            session = _open(os.fspath(path), "model", options, providers)
+    elif isinstance(model, (bytes, onnx.ModelProto)):
+        source = model if isinstance(model, bytes) else model.SerializeToString()
+        session = _open(source, "model", options, providers)
     else:
-        path = Path(model_path_or_bytes)
+        path = Path(model)
         if not path.is_file():
             raise InvalidModelError(f"{path}: no such file")
-        source, label = os.fspath(path), str(path)
-    try:
-        session = ort.InferenceSession(source, options, providers=providers)
-    except ORT_ERRORS as exc:
-        raise InvalidModelError(
-            f"{label}: onnxruntime cannot load the model on {chosen.ort_name}: {first_line(exc)}"
-        ) from None
+        session = _open(os.fspath(path), str(path), options, providers)
     active = session.get_providers()
     if not active or active[0] != chosen.ort_name:
         raise ProviderError(
@@ -151,6 +152,18 @@ def make_session(
             "onnxruntime-gpu build?); refusing to measure on the wrong device"
         )
     return session
+
+
+def _open(
+    source: str | bytes, label: str, options: ort.SessionOptions, providers: list[str]
+) -> ort.InferenceSession:
+    """``ort.InferenceSession`` with its failure as one line (rule 3)."""
+    try:
+        return ort.InferenceSession(source, options, providers=providers)
+    except ORT_ERRORS as exc:
+        raise InvalidModelError(
+            f"{label}: onnxruntime cannot load the model on {providers[0]}: {first_line(exc)}"
+        ) from None
 
 
 def run_float_outputs(

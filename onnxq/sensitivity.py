@@ -123,7 +123,7 @@ class _Study:
             session = graph_session(augment_outputs(model, names), threads=self.threads)
         else:
             names = [model.graph.output[0].name]
-            session = make_session(model.SerializeToString(), intra_op_threads=self.threads)
+            session = make_session(model, intra_op_threads=self.threads)
         runs = [session.run(names, feed) for feed in self.feeds]
         return [np.concatenate([run[i] for run in runs]) for i in range(len(names))]
 

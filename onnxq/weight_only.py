@@ -32,7 +32,6 @@ from onnxq.pipeline import (
     QuantResult,
     finish,
     prepare_float,
-    refuse_large_for_data,
     refuse_quantized,
 )
 from onnxq.targets import check_mode, get_target
@@ -84,8 +83,6 @@ def quantize_weight_only_with_report(
         calibration_data = None
     proto = model_proto(model)
     refuse_quantized(proto)
-    if calibration_data is not None:
-        refuse_large_for_data(proto)
     try:
         float_model, float_proto, _ = prepare_float(proto, config, min_opset=WEIGHT_ONLY_OPSET)
     except UnsupportedModelError as exc:

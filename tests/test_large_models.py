@@ -14,8 +14,11 @@ import pytest
 from support import run, small_cnn, sqnr_db
 
 import onnxq.model_io as model_io
+import onnxq.runtime
 from onnxq.dynamic import quantize_dynamic
+from onnxq.errors import ConfigError
 from onnxq.model_io import load_model, save_model
+from onnxq.pipeline import quantize
 
 
 def test_over_the_limit_written_with_external_data(tmp_path, monkeypatch):
@@ -99,14 +102,35 @@ def test_model_over_2gb_quantized_written_and_accurate(tmp_path):
     assert peak_gib < 12, f"peak RSS {peak_gib:.1f} GiB"
 
 
-def test_calibrated_modes_refuse_a_model_over_the_limit_in_one_line(monkeypatch):
-    """ORT takes a model as one protobuf message: a model over 2 GB cannot be run on data yet."""
-    from onnxq.errors import UnsupportedModelError
-    from onnxq.pipeline import quantize
+QUANTIZERS = {
+    "static": quantize,
+    "dynamic": lambda model, data: quantize_dynamic(model, calibration_data=data),
+}
 
+
+@pytest.mark.parametrize("mode", QUANTIZERS)
+def test_a_model_over_the_limit_runs_on_data_through_external_data(mode, monkeypatch):
+    """Calibration, smoothing and quality checks hand a model over 2 GB to ONNX Runtime as a
+    temporary file with external data: with the limit lowered, the same model comes out."""
     model = small_cnn()
+    data = {"x": np.random.default_rng(1).standard_normal((8, 3, 8, 8)).astype(np.float32)}
+    expected = QUANTIZERS[mode](model, data)
+    monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)
+    opened = []
+
+    def spy(proto):
+        opened.append(proto)
+        return model_io.runnable_path(proto)
+
+    monkeypatch.setattr(onnxq.runtime, "runnable_path", spy)
+    quantized = QUANTIZERS[mode](model, data)
+    assert opened, "no session went through external data"
+    assert quantized.graph.SerializeToString() == expected.graph.SerializeToString()
+
+
+def test_calibration_over_the_limit_refuses_several_workers_in_one_line(monkeypatch):
     monkeypatch.setattr(model_io, "PROTOBUF_LIMIT", 1000)
     feed = {"x": np.zeros((2, 3, 8, 8), np.float32)}
-    with pytest.raises(UnsupportedModelError, match="over protobuf's 2 GB limit") as refusal:
-        quantize(model, feed)
+    with pytest.raises(ConfigError, match="one \\(--workers 1\\)") as refusal:
+        quantize(small_cnn(), feed, workers=2)
     assert "\n" not in str(refusal.value)

@@ -34,15 +34,21 @@ import onnx
 
 from onnxq.calibration.observers import MinMaxObserver, observer_from_dict
 from onnxq.errors import RangesError, first_line
-from onnxq.model_io import atomic_write
+from onnxq.model_io import atomic_write, is_large, without_initializers
 
 FORMAT = "onnxq.ranges"
 FORMAT_VERSION = 1
 
 
 def model_fingerprint(model: onnx.ModelProto) -> str:
-    """sha256 of the graph's deterministic serialisation: structure and weights."""
-    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    """sha256 of the graph's deterministic serialisation: structure and weights (over 2 GB,
+    which protobuf cannot serialise at once: the graph without weights, then each weight)."""
+    if not is_large(model):
+        return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+    digest = hashlib.sha256(without_initializers(model.graph).SerializeToString(deterministic=True))
+    for tensor in model.graph.initializer:
+        digest.update(tensor.SerializeToString(deterministic=True))
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObser
 from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
 from onnxq.calibration.readers import batch_files, open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, WeightRounding
-from onnxq.errors import RangesError
+from onnxq.errors import ConfigError, RangesError
 from onnxq.executor import Executor, local_executor
-from onnxq.model_io import input_specs
+from onnxq.model_io import input_specs, is_large
 from onnxq.passes.plan import QuantPlan
 from onnxq.passes.weight_rounding import hessian_layout
 
@@ -191,8 +191,22 @@ def _observe(
         if on_batch is not None:
             on_batch(done[1])
 
-    executor.collect(float_proto.SerializeToString(), by_tensor, batches, inputs, on_batch=progress)
+    model = _shippable(float_proto, executor)
+    executor.collect(model, by_tensor, batches, inputs, on_batch=progress)
     return done[1], done[0]
+
+
+def _shippable(model: onnx.ModelProto, executor: Executor) -> onnx.ModelProto | bytes:
+    """The model as the executor's workers receive it: serialised, or over protobuf's 2 GB limit
+    the message itself, which only this process (one worker) can take."""
+    if not is_large(model):
+        return model.SerializeToString()
+    if executor.workers > 1:
+        raise ConfigError(
+            f"the model is over protobuf's 2 GB limit and cannot be shipped to "
+            f"{executor.workers} workers: calibrate it with one (--workers 1)"
+        )
+    return model
 
 
 def calibration_from_ranges(

@@ -50,7 +50,7 @@ def graph_session(model: onnx.ModelProto, *, threads: int | None = None) -> ort.
     """A CPU session that runs the graph as written (no fusion, no constant folding), so every
     named tensor is the float value the graph computes; ``threads``: intra-op threads."""
     return make_session(
-        model.SerializeToString(),
+        model,
         optimization_level=OptimizationLevel.DISABLED,
         intra_op_threads=threads,
     )

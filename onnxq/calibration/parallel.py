@@ -34,6 +34,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import onnx
+
 from onnxq.calibration.collect import Observer, ShardObserver
 from onnxq.errors import CalibrationDataError
 from onnxq.executor import Batch, Executor, OnBatch, R, T, check_fresh, merge_shards
@@ -66,7 +68,7 @@ class LocalProcesses(Executor):
 
     def collect(
         self,
-        model: bytes,
+        model: bytes | onnx.ModelProto,
         observers: Mapping[str, Sequence[Observer]],
         batches: Iterable[Batch],
         inputs: Sequence[InputSpec],
