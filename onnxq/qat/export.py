@@ -2,7 +2,9 @@
 
 The learned float weights replace the prepared float model's, and ``insert_qdq`` runs the same
 plan with the learned qparams frozen: activation scales per root tensor, weight scales per
-(node, input), biases int32 with ``scale = input_scale * weight_scale``. The result has the
+(node, input), biases int32 with ``scale = input_scale * weight_scale``; weights round to
+nearest (the learned weights already sit in the bins they are to take), embedding tables
+become int8 rows as in static mode. The result has the
 same Q/DQ placement, integer types and fused int8 kernels as ``onnxq quantize``.
 
 Check (with ``example_inputs``): ONNX Runtime runs the written model twice, without graph
@@ -27,6 +29,7 @@ from onnxq.errors import ConfigError, OnnxqError
 from onnxq.model_io import check_output_path, save_model
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import plan_quantization
+from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import finish
 
 PathLike = str | os.PathLike[str]
@@ -82,6 +85,8 @@ def quantized_model(qat_model: Any) -> onnx.ModelProto:
         key: qat_model.weight_quantizers[index].qparams() for key, index in spec.weight_keys.items()
     }
     insert_qdq(model, plan, learned, spec.config, weight_qparams=weights)
+    if spec.config.quantize_embeddings:  # fixed tables: the same int8 rows as before training
+        quantize_embeddings(model)
     proto = finish(model, spec.config)
     proto.metadata_props.add(key="onnxq.qat", value="true")
     return proto

@@ -11,6 +11,7 @@ name.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -155,9 +156,11 @@ def reshape(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
 
 
 def flatten(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
+    """``[prod(shape[:axis]), prod(shape[axis:])]``; ``axis`` in ``[-rank, rank]``."""
     x = inputs[0]
-    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
-    return x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 def squeeze(inputs: Inputs, attrs: Attrs) -> torch.Tensor:

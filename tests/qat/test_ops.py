@@ -1,6 +1,7 @@
 """``onnxq.qat.ops`` against ONNX Runtime, for the ops a Hugging Face BERT export adds to the
-zoo's set (position ids and the attention mask): each one-node model written in ONNX text runs
-in ORT and through its torch implementation on the same inputs; results must be equal."""
+zoo's set (position ids and the attention mask) and Flatten at the ends of its axis range (the
+mask is flattened with ``axis = rank``): each one-node model written in ONNX text runs in ORT
+and through its torch implementation on the same inputs; results must be equal."""
 
 from __future__ import annotations
 
@@ -73,3 +74,17 @@ def test_broadcast_comparison_and_logic(op, dtype) -> None:
     }}"""
     feeds = {"a": a, "b": b}
     np.testing.assert_array_equal(_torch(op, feeds), _ort(text, feeds))
+
+
+@pytest.mark.parametrize("axis", [-3, -1, 0, 1, 3])
+def test_flatten_over_the_whole_axis_range(axis) -> None:
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    text = f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[2, 3, 4] x) => (float[A, B] y) {{
+        y = Flatten<axis = {axis}>(x)
+    }}"""
+    feeds = {"x": x}
+    got, expected = _torch("Flatten", feeds, axis=axis), _ort(text, feeds)
+    assert got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)
