@@ -164,7 +164,7 @@ def test_export_reproduces_the_trained_module(cnn, images, tmp_path) -> None:
     )
     assert (tmp_path / "qat.onnx").is_file()
     check = check_export(module, proto, torch.from_numpy(images))
-    assert check.fake_quant_error <= 1e-5 and check.fused_error <= check.bound
+    assert check.fake_quant_worst <= 1e-5 and check.fused_worst <= check.bound
     types = {i.name: i.data_type for i in proto.graph.initializer}
     dq_inputs = [n.input[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"]
     assert sum(types.get(name) == onnx.TensorProto.INT8 for name in dq_inputs) == 4
