@@ -198,19 +198,20 @@ def test_export_refuses_other_modules(cnn, tmp_path) -> None:
     assert QATModule is not None
 
 
-def test_transformer_runs_and_exports(tmp_path) -> None:
+@pytest.mark.parametrize("target", ["ort-cpu", "tensorrt", "qnn"])
+def test_transformer_runs_and_exports(tmp_path, target) -> None:
     """A small encoder (Gather, LayerNorm, attention MatMuls, Softmax, shape ops): the module
-    reproduces onnxq's PTQ model (GPTQ weights, int8 embedding table) and the export
-    reproduces the module, its embedding table int8 as in static mode."""
+    reproduces onnxq's PTQ model for the target (GPTQ weights, int8 embedding table) and the
+    export reproduces the module, its embedding table int8 as in static mode."""
     import onnxruntime as ort
     from torch_models import SEQ, VOCAB, TinyEncoder
 
     model = TinyEncoder().eval()
     ids = torch.randint(0, VOCAB, (16, SEQ), generator=torch.Generator().manual_seed(0))
-    module = prepare_qat(model, ids[:2], {"ids": ids.numpy()})
+    module = prepare_qat(model, ids[:2], {"ids": ids.numpy()}, target=target)
     assert len(module.weight_quantizers) >= 8
     export_torch(model, ids[:2], tmp_path / "float.onnx", input_names=["ids"])
-    ptq = quantize(tmp_path / "float.onnx", {"ids": ids.numpy()})
+    ptq = quantize(tmp_path / "float.onnx", {"ids": ids.numpy()}, QuantConfig(target=target))
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(
