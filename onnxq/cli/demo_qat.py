@@ -66,7 +66,7 @@ def run(out_dir: Path, runs: int) -> None:
     module_top1 = float((np.argmax(logits, 1) == splits.test_y).mean())
     click.echo(
         f"QAT: prepare_qat + {QAT_EPOCHS} epochs of finetune in {seconds:.1f} s; exported {qat} "
-        f"(ONNX Runtime vs module: {check.fake_quant_error:.1e} unfused, "
+        f"(ONNX Runtime vs module, RMS: {check.fake_quant_error:.1e} unfused, "
         f"{check.fused_error:.1e} fused)"
     )
     comparison = compare(

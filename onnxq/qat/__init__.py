@@ -1,15 +1,16 @@
 """Quantization-aware training with onnxq's own scheme (torch is imported only when used).
 
 ``prepare_qat`` gives a trainable fake-quant module whose Q/DQ sit exactly where onnxq's static
-pipeline puts them, initialised from its post-training qparams; ``finetune`` trains it in the
-common case; ``export_qat`` writes the int8 QDQ ONNX with the learned qparams.
+pipeline puts them, initialised to its post-training model; ``finetune`` trains it on labels,
+``distill`` towards the float model's outputs; ``export_qat`` writes the int8 QDQ ONNX with
+the learned qparams.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["export_qat", "finetune", "prepare_qat"]
+__all__ = ["distill", "export_qat", "finetune", "prepare_qat"]
 
 
 def prepare_qat(
@@ -26,6 +27,13 @@ def finetune(module: Any, loader: Any, loss_fn: Any, epochs: int, lr: float, **k
     from onnxq.qat.train import finetune as run
 
     return run(module, loader, loss_fn, epochs, lr, **kw)
+
+
+def distill(module: Any, teacher: Any, batches: Any, **kw: Any) -> Any:
+    """See ``onnxq.qat.train.distill``."""
+    from onnxq.qat.train import distill as run
+
+    return run(module, teacher, batches, **kw)
 
 
 def export_qat(qat_model: Any, path: Any, *, example_inputs: Any = None) -> Any:

@@ -2,15 +2,22 @@
 
 The learned float weights replace the prepared float model's, and ``insert_qdq`` runs the same
 plan with the learned qparams frozen: activation scales per root tensor, weight scales per
-(node, input), biases int32 with ``scale = input_scale * weight_scale``. The result has the
+(node, input), biases int32 with ``scale = input_scale * weight_scale``; weights round to
+nearest (the learned weights already sit in the bins they are to take), embedding tables
+become int8 rows as in static mode. The result has the
 same Q/DQ placement, integer types and fused int8 kernels as ``onnxq quantize``.
 
 Check (with ``example_inputs``): ONNX Runtime runs the written model twice, without graph
 optimisation (Q/DQ as float arithmetic: the fake-quant graph) and with its default one (the
-fused int8 kernels); every output must stay within ``tolerance_steps`` (default 2) steps of
-``range / 255`` of the module's, ``range`` being the span of the module's outputs: the
-resolution of an 8-bit tensor holding them. Measured on the digits CNNs: 0 unfused (the same
-float32 arithmetic), under 0.2 steps fused.
+fused int8 kernels); the root mean square of ``ort - module`` over the output elements must
+stay within ``tolerance_steps`` (default 1) steps of ``range / 255``, ``range`` being the span
+of the module's outputs: the resolution of an 8-bit tensor holding them. The mean, not the
+worst element: torch and ONNX Runtime sum in different orders, so a value within float32
+rounding of a quantization boundary can land on the other level, and a deep network carries
+such flips on. A wrong scale or a misplaced Q/DQ moves most elements by steps and fails.
+Measured: digits CNNs 0 unfused (the same float32 arithmetic), under 0.2 steps fused, worst
+element included; MiniLM (tensorrt) 0.5-0.65 steps RMS either way, worst element 5-8 steps
+(the first flip is one GELU output in layer 1 of 6).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from onnxq.ir_io import from_proto
 from onnxq.model_io import check_output_path, save_model
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import plan_quantization
+from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import finish
 
 PathLike = str | os.PathLike[str]
@@ -39,11 +47,14 @@ class QATExportError(OnnxqError):
 
 @dataclass(frozen=True)
 class ExportCheck:
-    """Worst ``|ort - module|`` per run, and the bound it had to stay under."""
+    """RMS of ``ort - module`` per run (the checked numbers), the bound they had to stay
+    under, and the worst element per run."""
 
     fake_quant_error: float
     fused_error: float
     bound: float
+    fake_quant_worst: float
+    fused_worst: float
 
 
 def export_qat(qat_model: Any, path: PathLike, *, example_inputs: Any = None) -> onnx.ModelProto:
@@ -83,17 +94,20 @@ def quantized_model(qat_model: Any) -> onnx.ModelProto:
         key: qat_model.weight_quantizers[index].qparams() for key, index in spec.weight_keys.items()
     }
     insert_qdq(model, plan, learned, spec.config, weight_qparams=weights)
+    if spec.config.quantize_embeddings:  # fixed tables: the same int8 rows as before training
+        quantize_embeddings(model)
     proto = finish(model, spec.config)
     proto.metadata_props.add(key="onnxq.qat", value="true")
     return proto
 
 
 def check_export(
-    qat_model: Any, proto: onnx.ModelProto, example_inputs: Any, tolerance_steps: float = 2.0
+    qat_model: Any, proto: onnx.ModelProto, example_inputs: Any, tolerance_steps: float = 1.0
 ) -> ExportCheck:
     """Run ``proto`` in ONNX Runtime unfused and fused against the module; raise
-    ``QATExportError`` when an output differs by more than ``tolerance_steps`` steps of
-    ``range / 255`` (the resolution of an 8-bit tensor spanning the module's outputs)."""
+    ``QATExportError`` when the RMS of the difference over all output elements exceeds
+    ``tolerance_steps`` steps of ``range / 255`` (the resolution of an 8-bit tensor spanning
+    the module's outputs; see the module docstring)."""
     import onnxruntime as ort
     import torch
 
@@ -109,7 +123,7 @@ def check_export(
     expected = [e.detach().cpu().numpy() for e in expected]
     span = max(float(e.max() - e.min()) for e in expected) if expected else 0.0
     bound = tolerance_steps * max(span, 1e-12) / 255.0
-    errors = []
+    errors, worst = [], []
     for level in (
         ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
@@ -121,12 +135,17 @@ def check_export(
             proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         actual = session.run(list(qat_model.export_spec.output_names), feeds)
-        error = max(float(np.abs(a - e).max()) for a, e in zip(actual, expected, strict=True))
+        diff = np.concatenate(
+            [(a - e).reshape(-1) for a, e in zip(actual, expected, strict=True)]
+        ).astype(np.float64)
+        error = float(np.sqrt(np.mean(np.square(diff)))) if diff.size else 0.0
         errors.append(error)
+        worst.append(float(np.abs(diff).max()) if diff.size else 0.0)
         if error > bound:
             kind = "fake-quant" if level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL else "fused"
             raise QATExportError(
                 f"the exported model ({kind} in ONNX Runtime) differs from the QAT module by "
-                f"{error:.3g}, over the {bound:.3g} allowed ({tolerance_steps} steps of range/255)"
+                f"{error:.3g} RMS, over the {bound:.3g} allowed ({tolerance_steps} steps of "
+                "range/255)"
             )
-    return ExportCheck(errors[0], errors[1], bound)
+    return ExportCheck(errors[0], errors[1], bound, worst[0], worst[1])

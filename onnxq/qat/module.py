@@ -7,14 +7,18 @@ Rules:
 1. ``QuantizeLinear -> DequantizeLinear`` on an activation becomes one ``FakeQuantize`` per
    *root* tensor of the plan (``QuantPlan.activations``), so tensors that share qparams in the
    int8 model (pass-through chains) share one scale here too.
-2. A ``DequantizeLinear`` of a constant integer weight becomes a ``FakeQuantize`` of a trainable
-   float weight. The float weight is the prepared float graph's tensor at the same node input
-   (nodes keep their names through Q/DQ insertion), so training starts from the BN-folded float
-   weights, not from their rounded copy.
+2. A ``DequantizeLinear`` of a constant integer weight ``q`` becomes a ``FakeQuantize`` of a
+   trainable float weight. It starts from the prepared float graph's tensor ``w`` at the same
+   node input (nodes keep their names through Q/DQ insertion), moved by whole steps into the
+   bins of the stored levels: ``w + (q - clamp(round(w / s) + z)) * s``. It keeps its offset
+   inside the bin (with nearest rounding it is ``w`` itself), and its fake quantization is
+   exactly ``(q - z) * s``, GPTQ's levels included; an element float32 rounding would put
+   elsewhere starts at ``(q - z) * s``. A weight shared by several DQs follows the first.
 3. A ``DequantizeLinear`` of an int32 bias becomes a trainable float bias fake-quantized with
    ``scale = input_scale * weight_scale`` from the current scales.
 4. Every other node runs its ``onnxq.qat.ops`` implementation; an op without one is refused
-   (``UnsupportedModelError`` naming the op and node). Float constants stay fixed buffers.
+   (``UnsupportedModelError`` naming the op and node). Other constants stay fixed buffers:
+   float ones, and int8 embedding tables with their row scales (``Gather -> Cast -> Mul``).
 5. Initial scales and zero points are read from the QDQ graph: onnxq's post-training qparams.
 6. A learnable activation scale of a Relu/Clip output is capped so its Q range stays inside
    the Clip's bounds (``fake_quant.clip_scale_ceiling``): ONNX Runtime then still drops the
@@ -187,6 +191,7 @@ class _Builder:
         self.steps: list[_Step] = []
         self.dequantized: dict[str, int] = {}  # activation DQ output -> activation quantizer
         self.weight_outputs: dict[str, int] = {}  # weight DQ output -> weight quantizer
+        self.aligned: set[int] = set()  # latent weights moved into their levels' bins
 
     def read(self, graph: ir.Graph) -> None:
         nodes = list(graph)
@@ -295,11 +300,16 @@ class _Builder:
         narrowed = (qmin, qmax) if (qmin, qmax) != _type_bounds(qp.zero_point.dtype) else None
         qp = QParams(qp.scale, qp.zero_point, qp.axis, narrowed)
         index = len(self.weight_fq)
-        self.weight_fq.append(FakeQuantize(qp, qmin, qmax, learn_scale=self.learn_scales))
+        quantizer = FakeQuantize(qp, qmin, qmax, learn_scale=self.learn_scales)
+        self.weight_fq.append(quantizer)
+        latent = self.latent_names.index(name)
+        if latent not in self.aligned:
+            self.aligned.add(latent)
+            _align_to_levels(self.latent[latent], quantizer, _to_torch(dq.inputs[0].const_value))
         for reader in readers:
             self.weight_keys[reader] = index
         self.weight_outputs[dq.outputs[0].name] = index
-        self.weight_steps.append((dq.outputs[0].name, index, self.latent_names.index(name)))
+        self.weight_steps.append((dq.outputs[0].name, index, latent))
 
     def _bias(self, dq: ir.Node) -> None:
         """Rule 3: the reader's input 0 is an activation DQ, its weight input a weight DQ."""
@@ -349,6 +359,18 @@ class _Builder:
                 attrs=attrs,
             )
         )
+
+
+def _align_to_levels(weight: nn.Parameter, quantizer: FakeQuantize, levels: torch.Tensor) -> None:
+    """Move ``weight`` in place by whole steps so ``quantizer(weight)`` dequantizes ``levels``
+    (rule 2)."""
+    with torch.no_grad():
+        scale = quantizer.broadcast(quantizer.scale, weight.ndim)
+        zero = quantizer.broadcast(quantizer.zero_point, weight.ndim)
+        target = (levels.float() - zero) * scale
+        nearest = torch.clamp(torch.round(weight / scale) + zero, quantizer.qmin, quantizer.qmax)
+        moved = weight + (levels.float() - nearest) * scale
+        weight.copy_(torch.where(quantizer(moved) == target, moved, target))
 
 
 def _is_qdq(node: ir.Node, op_type: str) -> bool:

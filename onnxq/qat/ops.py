@@ -4,11 +4,14 @@
 are torch tensors (``None`` for an absent optional input) and ``attrs`` the node's attributes
 as Python values. The set covers the CNNs and transformers of the zoo as the torch exporters
 write them (opset 13 and later): convolutions, GEMMs, element-wise math, pooling, shape ops,
-LayerNorm, Softmax, GELU/Erf, Gather. Anything else is refused by the caller, by name.
+LayerNorm, Softmax, GELU/Erf, Gather, and the mask and position arithmetic of Hugging Face BERT
+exports (Range, GatherElements, GreaterOrEqual, And). Anything else is refused by the caller, by
+name.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -153,9 +156,11 @@ def reshape(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
 
 
 def flatten(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
+    """``[prod(shape[:axis]), prod(shape[axis:])]``; ``axis`` in ``[-rank, rank]``."""
     x = inputs[0]
-    axis = int(attrs.get("axis", 1)) % max(x.ndim, 1)
-    return x.reshape(int(torch.tensor(x.shape[:axis]).prod()), -1)
+    axis = int(attrs.get("axis", 1))
+    axis = axis + x.ndim if axis < 0 else axis
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
 
 
 def squeeze(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
@@ -227,6 +232,20 @@ def gather(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     return flat.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1 :]))
 
 
+def gather_elements(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
+    """``out[i][j] = data[index[i][j]][j]`` along ``axis`` (negative indices count from the end)."""
+    data, index = inputs[0], inputs[1].long()
+    axis = int(attrs.get("axis", 0)) % data.ndim
+    index = torch.where(index < 0, index + data.shape[axis], index)
+    return torch.gather(data, axis, index)
+
+
+def range_(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
+    """``start, start + delta, ...`` up to ``limit`` (excluded), in the type of ``start``."""
+    start, limit, delta = inputs[0], inputs[1], inputs[2]
+    return torch.arange(start.item(), limit.item(), delta.item(), dtype=start.dtype)
+
+
 def shape(inputs: Inputs, attrs: Attrs) -> torch.Tensor:
     dims = list(inputs[0].shape)
     start, end = attrs.get("start", 0), attrs.get("end", len(dims))
@@ -283,6 +302,8 @@ OPS: dict[str, OpFn] = {
     "Equal": _binary(torch.eq),
     "Less": _binary(torch.lt),
     "Greater": _binary(torch.gt),
+    "GreaterOrEqual": _binary(torch.ge),
+    "And": _binary(torch.logical_and),
     "Where": lambda inputs, attrs: torch.where(inputs[0], inputs[1], inputs[2]),
     "Max": _variadic(torch.maximum),
     "Min": _variadic(torch.minimum),
@@ -332,9 +353,11 @@ OPS: dict[str, OpFn] = {
     "Split": split,
     "Slice": slice_,
     "Gather": gather,
+    "GatherElements": gather_elements,
     "Shape": shape,
     "Expand": lambda inputs, attrs: inputs[0] * torch.ones(_ints(inputs[1]), dtype=inputs[0].dtype),
     "ConstantOfShape": constant_of_shape,
+    "Range": range_,
     "Cast": lambda inputs, attrs: inputs[0].to(_DTYPES[int(attrs["to"])]),
 }
 """Default-domain op type -> torch implementation."""

@@ -4,11 +4,13 @@ fake-quant module.
 Steps (each one the static pipeline's own):
 1. Export the float model (``onnxq.export.export_torch``, verified in ONNX Runtime) with the
    forward signature's argument names as input names and a dynamic batch axis.
-2. ``prepare`` (BatchNorm and constants folded), ``plan``, calibration on ``calibration_data``
-   and the static QDQ graph, with the target's scheme. Weights round to nearest here (QAT
-   learns the rounding; GPTQ's would be undone by the first step) and embedding tables are
-   left float, so the quantized tensors are exactly the plan's.
-3. ``QATModule`` runs that QDQ graph in torch (``onnxq.qat.module``).
+2. ``prepare`` (BatchNorm and constants folded, SmoothQuant), ``plan``, calibration on
+   ``calibration_data`` and the static QDQ graph, with the config as given: the model
+   ``onnxq.quantize`` writes for the exported ONNX, GPTQ-rounded weights and int8 embedding
+   tables included.
+3. ``QATModule`` runs that QDQ graph in torch (``onnxq.qat.module``): before training it
+   computes exactly that model (its trainable weights sit in the bins of the stored integer
+   levels; int8 embedding tables stay fixed).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import onnx
 
 from onnxq.calibration.calibrate import calibrate_plan
-from onnxq.config import QuantConfig, QuantMode, WeightRounding
+from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import ConfigError
 from onnxq.export import export_torch
 from onnxq.ir_io import from_proto
@@ -78,14 +80,13 @@ def prepare_qat(
 
 
 def _config(config: QuantConfig | None, target: str) -> QuantConfig:
-    """The resolved static config QAT uses (nearest rounding, float embedding tables)."""
+    """The resolved static config (``target`` fills in a config that names no other one)."""
     if config is None:
         config = QuantConfig(target=target)
     elif target != DEFAULT_TARGET and config.target != target:
         if config.target != DEFAULT_TARGET:
             raise ConfigError(f"target {target!r} disagrees with the config's {config.target!r}")
         config = config.replace(target=target)
-    config = config.replace(weight_rounding=WeightRounding.NEAREST, quantize_embeddings=False)
     resolved, _ = resolve_config(config, QuantMode.STATIC)
     return resolved
 

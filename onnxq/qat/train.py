@@ -1,9 +1,12 @@
-"""``finetune``: the common QAT loop (AdamW, cosine learning rate, fixed seed, no printing)."""
+"""QAT training loops (AdamW, cosine learning rate, fixed seed, no printing): ``finetune`` on
+labelled batches, ``distill`` towards a float teacher's outputs."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Literal
+
+DistillLoss = Literal["cosine", "mse"]
 
 
 def finetune(
@@ -57,3 +60,60 @@ def finetune(
         if on_epoch is not None:
             on_epoch(epoch, total / max(count, 1))
     return module.eval()
+
+
+def distill(
+    module: Any,
+    teacher: Callable[..., Any],
+    batches: Iterable[Any],
+    *,
+    epochs: int,
+    lr: float,
+    loss: DistillLoss = "cosine",
+    scale_lr: float | None = None,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    on_epoch: Callable[[int, float], None] | None = None,
+) -> Any:
+    """Train the fake-quant ``module`` to reproduce ``teacher`` (the float model) on ``batches``;
+    returns it in eval mode.
+
+    A batch is a feed dict keyed by the module's input names (tensors or arrays) or a tuple of
+    tensors in their order. The teacher's outputs ``t`` are computed once, without gradients;
+    ``finetune`` then minimises, for the module's outputs ``y`` (rows along the last axis),
+    ``loss="cosine"``: ``mean(1 - <y, t> / (|y| |t|))``, or ``loss="mse"``: ``mean((y - t)^2)``.
+    The other arguments are ``finetune``'s.
+    """
+    import torch
+
+    from onnxq.errors import ConfigError
+
+    if loss not in ("cosine", "mse"):
+        raise ConfigError(f"distill loss must be 'cosine' or 'mse', got {loss!r}")
+    names = module.export_spec.input_names
+    pairs = []
+    with torch.no_grad():
+        for batch in batches:
+            inputs = tuple(
+                torch.as_tensor(batch[name]) if isinstance(batch, Mapping) else batch[i]
+                for i, name in enumerate(names)
+            )
+            pairs.append((*inputs, teacher(*inputs).detach()))
+    return finetune(
+        module,
+        pairs,
+        _cosine_loss if loss == "cosine" else torch.nn.functional.mse_loss,
+        epochs,
+        lr,
+        scale_lr=scale_lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        on_epoch=on_epoch,
+    )
+
+
+def _cosine_loss(output: Any, target: Any) -> Any:
+    """``mean(1 - cos(output, target))`` over rows of the last axis."""
+    import torch
+
+    return (1 - torch.nn.functional.cosine_similarity(output, target, dim=-1)).mean()
