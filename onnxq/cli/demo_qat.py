@@ -23,12 +23,14 @@ SEED = 0
 
 def run(out_dir: Path, runs: int) -> None:
     """The QAT stage of the demo (prints; the CLI's ``demo --qat``)."""
+    from dataclasses import replace
+
     import numpy as np
     import torch
 
     from calibration.digits import load_digits_splits
     from models.digits_dwcnn import train_digits_dwcnn
-    from onnxq.config import QuantConfig
+    from onnxq.config import QuantConfig, WeightRounding
     from onnxq.evaluate import compare
     from onnxq.export import export_torch
     from onnxq.model_io import save_model
@@ -53,7 +55,10 @@ def run(out_dir: Path, runs: int) -> None:
     save_model(quantize_with_report(fp32, {"x": splits.calib_x}, config).model, ptq)
 
     start = time.perf_counter()
-    module = prepare_qat(model, example, {"x": splits.calib_x}, config)
+    # Ten epochs from the float weights (nearest levels) end higher than from GPTQ's levels
+    # (98.75% vs 98.00% here): GPTQ's start pays off only for a few steps of training.
+    qat_config = replace(config, weight_rounding=WeightRounding.NEAREST)
+    module = prepare_qat(model, example, {"x": splits.calib_x}, qat_config)
     loader = _loader(splits.train_x, splits.train_y)
     finetune(module, loader, torch.nn.functional.cross_entropy, QAT_EPOCHS, QAT_LR,
              scale_lr=QAT_SCALE_LR, seed=SEED)  # fmt: skip
