@@ -1,5 +1,5 @@
-"""torch.ao QAT models exported with the TorchScript exporter, finished by ``onnxq quantize``
-without data (``onnxq.finish``), through the CLI.
+"""torch.ao QAT models (eager and FX graph mode) exported with the TorchScript exporter, finished
+by ``onnxq quantize`` without data (``onnxq.finish``), through the CLI.
 
 A digits CNN (Conv-BN-ReLU fused for QAT) trains a few steps on real digits with fake
 quantization; its ONNX export is finished and must: pass the ONNX checker, run every Conv as an
@@ -30,7 +30,7 @@ pytest.importorskip("sklearn")
 from calibration.digits import load_digits_splits  # noqa: E402
 from models.digits_cnn import DigitsCNN  # noqa: E402
 
-TRAIN_STEPS = {"per-channel": 100, "per-tensor": 100, "reduce-range": 10}
+TRAIN_STEPS = {"per-channel": 100, "per-tensor": 100, "fx-per-channel": 100, "reduce-range": 10}
 """Enough for 98% top-1 on held-out digits; the reduce-range model only shows its Clips."""
 
 
@@ -62,6 +62,40 @@ class QuantDigits(torch.nn.Module):
         return self.dequant(self.classifier(self.features(self.quant(x))))
 
 
+class PlainDigits(QuantDigits):
+    """The same network without stubs, for FX graph mode (it places the fake quants itself)."""
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def _prepare_eager(qconfig, example):
+    """Eager mode: fuse Conv-BN-ReLU by name, fake quants at the stubs and every module."""
+    model = QuantDigits().train()
+    fused = [[f"features.{i}", f"features.{i + 1}", f"features.{i + 2}"] for i in (0, 3, 7)]
+    model = tq.fuse_modules_qat(model, fused)
+    model.qconfig = qconfig
+    return tq.prepare_qat(model), lambda m: m.classifier.activation_post_process
+
+
+def _prepare_fx(qconfig, example):
+    """FX graph mode (symbolic tracing fuses Conv-BN-ReLU itself); the output's fake quant is
+    the module the graph's output node reads."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    mapping = tq.QConfigMapping().set_global(qconfig)
+    model = prepare_qat_fx(PlainDigits().train(), mapping, (example,))
+
+    def output_quant(m):
+        (output,) = (n for n in m.graph.nodes if n.op == "output")
+        return m.get_submodule(output.args[0].target)
+
+    return model, output_quant
+
+
+PREPARE = {"fx-per-channel": _prepare_fx}  # the rest: eager mode
+
+
 def _qconfigs() -> dict:
     activation = tq.FakeQuantize.with_args(  # ranges follow a short training (default 0.01)
         observer=tq.MovingAverageMinMaxObserver,
@@ -73,20 +107,17 @@ def _qconfigs() -> dict:
     return {
         "per-channel": tq.QConfig(activation, tq.default_per_channel_weight_fake_quant),
         "per-tensor": tq.QConfig(activation, tq.default_weight_fake_quant),
+        "fx-per-channel": tq.QConfig(activation, tq.default_per_channel_weight_fake_quant),
         # fbgemm's default: 7-bit activations, exported as Q -> Clip(0, 127) -> DQ
         "reduce-range": tq.get_default_qat_qconfig("fbgemm", version=0),
     }
 
 
-def _train_and_export(qconfig, steps: int, path: Path, splits) -> tuple[np.ndarray, float]:
+def _train_and_export(prepare, qconfig, steps: int, path: Path, splits):
     """Export the QAT model to ``path``; return its fake-quant logits on the test split and
     the scale of the Q feeding them."""
     torch.manual_seed(0)
-    model = QuantDigits().train()
-    fused = [[f"features.{i}", f"features.{i + 1}", f"features.{i + 2}"] for i in (0, 3, 7)]
-    model = tq.fuse_modules_qat(model, fused)
-    model.qconfig = qconfig
-    tq.prepare_qat(model, inplace=True)
+    model, output_quant = prepare(qconfig, torch.from_numpy(splits.train_x[:2]))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     x, y = torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y)
     generator = torch.Generator().manual_seed(0)
@@ -112,7 +143,7 @@ def _train_and_export(qconfig, steps: int, path: Path, splits) -> tuple[np.ndarr
         )
     with torch.no_grad():
         logits = model(torch.from_numpy(splits.test_x)).numpy()
-    return logits, float(model.classifier.activation_post_process.scale)
+    return logits, float(output_quant(model).scale)
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +154,8 @@ def exported(tmp_path_factory) -> dict[str, tuple[Path, np.ndarray, float]]:
     out = {}
     for name, qconfig in _qconfigs().items():
         path = folder / f"{name}.onnx"
-        out[name] = (path, *_train_and_export(qconfig, TRAIN_STEPS[name], path, splits))
+        prepare = PREPARE.get(name, _prepare_eager)
+        out[name] = (path, *_train_and_export(prepare, qconfig, TRAIN_STEPS[name], path, splits))
     out["test_x"], out["test_y"] = splits.test_x, splits.test_y
     return out
 
@@ -139,7 +171,7 @@ def _run(path: Path, x: np.ndarray) -> np.ndarray:
     return session.run(None, {"input": x})[0]
 
 
-@pytest.mark.parametrize("scheme", ["per-channel", "per-tensor"])
+@pytest.mark.parametrize("scheme", ["per-channel", "per-tensor", "fx-per-channel"])
 def test_torch_ao_qat_model_is_finished_without_data(exported, scheme, tmp_path):
     source, logits, step = exported[scheme]
     out, summary = tmp_path / "int8.onnx", tmp_path / "summary.json"
@@ -156,7 +188,9 @@ def test_torch_ao_qat_model_is_finished_without_data(exported, scheme, tmp_path)
     assert np.mean(ort_logits.argmax(1) == exported["test_y"]) >= 0.9  # it learned digits
     report = json.loads(summary.read_text())
     changes = report["finished"]["changes"]
-    assert len(changes["fold-weight"]) == 4 and len(changes["int32-bias"]) == 3
+    assert len(changes["fold-weight"]) == 4  # 3 Convs and the Linear
+    # every Conv's bias; FX also quantizes the Linear's output, so its bias too
+    assert sum(name.endswith("/Conv") for name in changes["int32-bias"]) == 3
     assert len(changes["fold-affine"]) == 6  # each ConvBn: Div, BatchNormalization
     metadata = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert metadata["onnxq.source"] == "qdq" and "fold-weight" in metadata["onnxq.finished"]
