@@ -35,6 +35,7 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
+from onnxq.ir_io import all_graphs
 from onnxq.isa import cpu_features
 from onnxq.model_io import load_model
 from onnxq.runtime import OptimizationLevel, Provider, make_session
@@ -280,14 +281,8 @@ def _families(nodes: Counter[str], in_file: Counter[str]) -> tuple[FamilyReport,
 
 def _nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
     """Every node, subgraphs (If/Loop/Scan bodies) included."""
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from _nodes(sub)
+    for each in all_graphs(graph):
+        yield from each.node
 
 
 def _counts(counter: dict[str, int]) -> list[str]:

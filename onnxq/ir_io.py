@@ -58,7 +58,7 @@ def _without_maps(proto: onnx.ModelProto) -> onnx.ModelProto:
             held[value.name] = onnx.TypeProto()
             held[value.name].CopyFrom(value.type)
             value.ClearField("type")
-    for graph in _graphs(copy.graph):
+    for graph in all_graphs(copy.graph):
         kept = [v for v in graph.value_info if not _holds_map(v.type)]
         del graph.value_info[:]
         graph.value_info.extend(kept)
@@ -67,7 +67,7 @@ def _without_maps(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _values(proto: onnx.ModelProto, *, value_info: bool) -> Iterator[onnx.ValueInfoProto]:
-    for graph in _graphs(proto.graph):
+    for graph in all_graphs(proto.graph):
         yield from graph.input
         yield from graph.output
         if value_info:
@@ -105,12 +105,13 @@ def _set_held(proto: onnx.ModelProto, held: dict[str, onnx.TypeProto]) -> None:
         proto.metadata_props.add(key=HELD_TYPES, value=json.dumps(encoded, sort_keys=True))
 
 
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every subgraph (If/Loop/Scan bodies), depth first."""
     yield graph
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attr.g)
+                yield from all_graphs(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
                 for sub in attr.graphs:
-                    yield from _graphs(sub)
+                    yield from all_graphs(sub)
