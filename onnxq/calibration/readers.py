@@ -155,8 +155,8 @@ def open_feeds(
     for spec in inputs:
         if spec.kind != "tensor":
             raise CalibrationDataError(
-                f"input {spec.name!r} is a {spec.kind}, not a tensor: calibration data feeds "
-                "tensor inputs only (quantize --mode dynamic needs no data)"
+                f"input {spec.name!r} is not a tensor (its type: {spec.kind}): calibration "
+                "data feeds tensor inputs only (quantize --mode dynamic needs no data)"
             )
 
     def stream(batches: _Batches, description: str, reiterable: bool) -> FeedStream:
