@@ -159,16 +159,32 @@ def is_large(model: onnx.ModelProto) -> bool:
     return model_bytes(model) > PROTOBUF_LIMIT
 
 
+def serialize(model: onnx.ModelProto) -> bytes | None:
+    """The model as one protobuf message, or ``None`` over the 2 GB limit (judged from the
+    weights first: protobuf takes seconds to refuse a model far over it)."""
+    if _weights_bytes(model) > PROTOBUF_LIMIT:
+        return None
+    try:
+        data = model.SerializeToString()
+    except EncodeError:
+        return None
+    return data if len(data) <= PROTOBUF_LIMIT else None
+
+
 def model_bytes(model: onnx.ModelProto) -> int:
     """The serialised size; over 2 GB (which protobuf refuses to size, slowly), its weights'
     bytes, counted from their shapes and types without reading them."""
-    weights = sum(_tensor_bytes(t) for t in model.graph.initializer)
+    weights = _weights_bytes(model)
     if weights > PROTOBUF_LIMIT:
         return weights
     try:
         return model.ByteSize()
     except EncodeError:
         return weights
+
+
+def _weights_bytes(model: onnx.ModelProto) -> int:
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
 
 
 def _tensor_bytes(tensor: onnx.TensorProto) -> int:
@@ -191,8 +207,9 @@ def save_model(model: onnx.ModelProto | ir.Model, output: PathLike) -> Path:
     """
     out = check_output_path(output)
     proto = to_proto(model) if isinstance(model, ir.Model) else model
-    if not is_large(proto):
-        return atomic_write(out, proto.SerializeToString())
+    data = serialize(proto)
+    if data is not None:
+        return atomic_write(out, data)
     return _save_with_external_data(proto, out)
 
 

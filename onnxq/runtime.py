@@ -29,7 +29,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from onnxq.errors import CalibrationDataError, InvalidModelError, ProviderError, first_line
 from onnxq.isa import cpu_features, cpuinfo_value
-from onnxq.model_io import is_large, runnable_path
+from onnxq.model_io import runnable_path, serialize
 
 PathLike = str | os.PathLike[str]
 
@@ -133,14 +133,14 @@ def make_session(
     providers = [chosen.ort_name]
     if chosen is not Provider.CPU:
         providers.append(Provider.CPU.ort_name)
-    if isinstance(model, onnx.ModelProto) and is_large(model):
+    source = serialize(model) if isinstance(model, onnx.ModelProto) else model
+    if source is None:  # over 2 GB
         with runnable_path(model) as path:
             session = _open(os.fspath(path), "model", options, providers)
-    elif isinstance(model, (bytes, onnx.ModelProto)):
-        source = model if isinstance(model, bytes) else model.SerializeToString()
+    elif isinstance(source, bytes):
         session = _open(source, "model", options, providers)
     else:
-        path = Path(model)
+        path = Path(source)
         if not path.is_file():
             raise InvalidModelError(f"{path}: no such file")
         session = _open(os.fspath(path), str(path), options, providers)

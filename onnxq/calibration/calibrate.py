@@ -30,7 +30,7 @@ from onnxq.calibration.readers import batch_files, open_feeds
 from onnxq.config import CalibrationMethod, QuantConfig, WeightRounding
 from onnxq.errors import ConfigError, RangesError
 from onnxq.executor import Executor, local_executor
-from onnxq.model_io import input_specs, is_large
+from onnxq.model_io import input_specs, serialize
 from onnxq.passes.plan import QuantPlan
 from onnxq.passes.weight_rounding import hessian_layout
 
@@ -199,8 +199,9 @@ def _observe(
 def _shippable(model: onnx.ModelProto, executor: Executor) -> onnx.ModelProto | bytes:
     """The model as the executor's workers receive it: serialised, or over protobuf's 2 GB limit
     the message itself, which only this process (one worker) can take."""
-    if not is_large(model):
-        return model.SerializeToString()
+    data = serialize(model)
+    if data is not None:
+        return data
     if executor.workers > 1:
         raise ConfigError(
             f"the model is over protobuf's 2 GB limit and cannot be shipped to "
