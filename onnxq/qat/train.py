@@ -88,8 +88,8 @@ def distill(
 
     from onnxq.errors import ConfigError
 
-    if loss not in ("cosine", "mse"):
-        raise ConfigError(f"distill loss must be 'cosine' or 'mse', got {loss!r}")
+    if loss not in DISTILL_LOSSES:
+        raise ConfigError(f"distill loss must be one of {sorted(DISTILL_LOSSES)}, got {loss!r}")
     names = module.export_spec.input_names
     pairs = []
     with torch.no_grad():
@@ -102,7 +102,7 @@ def distill(
     return finetune(
         module,
         pairs,
-        _cosine_loss if loss == "cosine" else torch.nn.functional.mse_loss,
+        DISTILL_LOSSES[loss],
         epochs,
         lr,
         scale_lr=scale_lr,
@@ -117,3 +117,13 @@ def _cosine_loss(output: Any, target: Any) -> Any:
     import torch
 
     return (1 - torch.nn.functional.cosine_similarity(output, target, dim=-1)).mean()
+
+
+def _mse_loss(output: Any, target: Any) -> Any:
+    """``mean((output - target)^2)``."""
+    import torch
+
+    return torch.nn.functional.mse_loss(output, target)
+
+
+DISTILL_LOSSES: dict[str, Callable[[Any, Any], Any]] = {"cosine": _cosine_loss, "mse": _mse_loss}
