@@ -39,7 +39,10 @@ def test_qat_distillation_beats_post_training(minilm_fp32, tmp_path) -> None:
     evaluation = encode(evaluation_sentences(EVALUATION), tokenizer, SEQ)
     reference = run(path, evaluation)[0]
     config = QuantConfig(target="tensorrt")
-    ptq = cosine_per_sample(reference, run(quantize(path, calib, config), evaluation)[0]).mean()
+    # tensorrt runs in TensorRT: ORT CPU unfused computes its arithmetic on every CPU (fused
+    # symmetric int8 kernels saturate on x86 without VNNI)
+    ptq_model = quantize(path, calib, config)
+    ptq = cosine_per_sample(reference, run(ptq_model, evaluation, fused=False)[0]).mean()
     assert ptq < 0.998  # post-training int8 loses something for QAT to win back
 
     encoder = load_encoder()
@@ -56,7 +59,7 @@ def test_qat_distillation_beats_post_training(minilm_fp32, tmp_path) -> None:
     seconds = time.perf_counter() - start
 
     proto = export_qat(module, tmp_path / "qat.onnx", example_inputs=inputs)
-    qat = cosine_per_sample(reference, run(proto, evaluation)[0]).mean()
+    qat = cosine_per_sample(reference, run(proto, evaluation, fused=False)[0]).mean()
     check = check_export(module, proto, inputs)
     print(  # the measured numbers, with pytest -s
         f"MiniLM tensorrt mean cosine: PTQ {ptq:.5f}, QAT {qat:.5f} ({seconds:.0f} s training); "
