@@ -45,6 +45,9 @@ def markdown(results: list[ModelResult], environment: dict[str, Any], run: dict[
     """The whole report: environment, then one table per model."""
     cpu = environment.get("cpu_features", {})
     flags = ", ".join(k for k in ("avx2", "avx512", "vnni") if cpu.get(k)) or "none"
+    mask = environment.get("cpu_mask")
+    if mask:
+        flags += f" as seen through CPUID masked to {mask}; instruction timings are this CPU's"
     lines = [
         "# onnxq benchmark",
         "",

@@ -4,7 +4,9 @@ Options: ``--models digits,resnet,lstm,minilm`` (default all), ``--out benchmark
 ``--quick`` (few samples and runs: a smoke run), ``--variants`` (a comma list of slugs from
 ``benchmarks.variants.VARIANTS``; default all), ``--threads`` (ORT intra-op threads and torch
 threads; default the usable cores), ``--keep-models DIR`` (keep the exported and quantized
-models there instead of a temporary folder).
+models there instead of a temporary folder), ``--cpu PROFILE`` (run everything with CPUID
+masked to a profile of ``benchmarks.cpu_mask.PROFILES``, e.g. ``avx2``: ONNX Runtime's kernels
+for a CPU without VNNI, natively on this one).
 
 Writes ``results.md`` and ``results.json`` into ``--out``. Progress goes to stderr.
 """
@@ -18,6 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.cpu_mask import (
+    MASK_VARIABLE,
+    PROFILES,
+    MaskUnavailable,
+    mask_spec,
+    masked_env,
+    masked_features,
+)
 from benchmarks.measure import ModelResult, measure_model
 from benchmarks.report import write_results
 from benchmarks.variants import VARIANTS
@@ -36,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=",".join(v.slug for v in VARIANTS))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--keep-models", type=Path, default=None)
+    parser.add_argument("--cpu", choices=sorted(PROFILES), default=None)
     args = parser.parse_args(argv)
     args.models = _choices(parser, "--models", args.models, MODELS)
     args.variants = _choices(parser, "--variants", args.variants, [v.slug for v in VARIANTS])
@@ -60,6 +71,9 @@ def run(args: argparse.Namespace) -> list[ModelResult]:
             results.append(measure_model(model, threads=threads, variants=args.variants))
     env = environment(Provider.CPU, intra_op_threads=threads)
     env.update(_versions())
+    if args.cpu:
+        env["cpu_features"] = masked_features(args.cpu, env["cpu_features"])
+        env["cpu_mask"] = f"{args.cpu}: {PROFILES[args.cpu][0]}"
     run_info = {
         "command": _command(args),
         "quick": bool(args.quick),
@@ -76,8 +90,17 @@ def run(args: argparse.Namespace) -> list[ModelResult]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m benchmarks.run``."""
-    run(parse_args(argv))
+    """Entry point of ``python -m benchmarks.run``; with ``--cpu``, first re-executes itself
+    with CPUID masked (every subprocess inherits the mask)."""
+    args = parse_args(argv)
+    if args.cpu and os.environ.get(MASK_VARIABLE) != mask_spec(args.cpu):
+        try:
+            env = masked_env(args.cpu)
+        except MaskUnavailable as error:
+            raise SystemExit(f"--cpu {args.cpu}: {error}") from None
+        argv = sys.argv[1:] if argv is None else argv
+        os.execve(sys.executable, [sys.executable, "-m", "benchmarks.run", *argv], env)
+    run(args)
     return 0
 
 
@@ -123,6 +146,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--quick")
     if args.threads:
         parts.append(f"--threads {args.threads}")
+    if args.cpu:
+        parts.append(f"--cpu {args.cpu}")
     return " ".join(parts)
 
 
