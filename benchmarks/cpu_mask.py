@@ -14,9 +14,9 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from onnxq.isa import cpuinfo_value
 
@@ -111,16 +111,26 @@ def build_shim() -> Path:
     return shim
 
 
-def masked_features(profile: str, features: dict[str, Any]) -> dict[str, Any]:
-    """``onnxq.isa.cpu_features().to_dict()`` as a process under ``profile`` sees its CPU."""
-    hidden = set(PROFILES[profile][1])
-    avx512 = features["avx512"] and "avx512f" not in hidden
-    vnni = features["vnni"] and not set(_VNNI_AND_AMX) <= hidden
-    return {**features, "avx512": avx512, "vnni": vnni, "u8s8_saturates": not vnni}
-
-
 def _require_cpuid_faulting() -> None:
     if platform.system() != "Linux" or platform.machine() != "x86_64":
         raise MaskUnavailable("masking CPUID needs Linux on x86_64")
     if "cpuid_fault" not in (cpuinfo_value("flags") or "").split():
         raise MaskUnavailable("this kernel or CPU cannot fault on CPUID (no cpuid_fault flag)")
+
+
+def main(argv: list[str]) -> int:
+    """``python -m benchmarks.cpu_mask PROFILE COMMAND...``: run COMMAND under the mask (the
+    test suite too: ``python -m benchmarks.cpu_mask avx2 python -m pytest``)."""
+    if len(argv) < 2 or argv[0] not in PROFILES:
+        print(f"usage: python -m benchmarks.cpu_mask {{{','.join(PROFILES)}}} COMMAND...")
+        return 2
+    try:
+        env = masked_env(argv[0])
+    except MaskUnavailable as error:
+        print(f"cannot mask CPUID: {error}", file=sys.stderr)
+        return 2
+    return subprocess.run(argv[1:], env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

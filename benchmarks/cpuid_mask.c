@@ -6,9 +6,12 @@
  * Linux's CPUID faulting (arch_prctl ARCH_SET_CPUID, /proc/cpuinfo flag cpuid_fault) turns each
  * CPUID into SIGSEGV; the handler runs the real CPUID with faulting off, clears the bits and
  * steps over the instruction. Threads inherit faulting; exec clears it, and LD_PRELOAD renews it.
- * Without the kernel's support the process stops with exit code 3 rather than run unmasked. */
+ * Without the kernel's support the process stops with exit code 3 rather than run unmasked.
+ * The process's own SIGSEGV handlers (Python's faulthandler, abseil's failure handler) are
+ * kept aside by an interposed sigaction() and get every fault that is not a CPUID. */
 #define _GNU_SOURCE
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,16 +25,31 @@
 
 struct rule { unsigned leaf, subleaf, reg, mask; };
 static struct rule rules[MAX_RULES];
-static int n_rules;
+static int n_rules, active;
+
+static struct sigaction app_action; /* the handler the process itself asked for */
+static int (*real_sigaction)(int, const struct sigaction *, struct sigaction *);
 
 static long set_faulting(int on) { return syscall(SYS_arch_prctl, ARCH_SET_CPUID, on ? 0 : 1); }
 
+static void pass_on(int sig, siginfo_t *info, void *context) {
+    if (app_action.sa_handler == SIG_DFL || app_action.sa_handler == SIG_IGN) {
+        struct sigaction fallback;
+        memset(&fallback, 0, sizeof fallback);
+        fallback.sa_handler = SIG_DFL;
+        real_sigaction(SIGSEGV, &fallback, NULL); /* returning re-runs the fault: crash */
+    } else if (app_action.sa_flags & SA_SIGINFO) {
+        app_action.sa_sigaction(sig, info, context);
+    } else {
+        app_action.sa_handler(sig);
+    }
+}
+
 static void on_segv(int sig, siginfo_t *info, void *context) {
-    (void)sig; (void)info;
     greg_t *r = ((ucontext_t *)context)->uc_mcontext.gregs;
     const unsigned char *ip = (const unsigned char *)r[REG_RIP];
-    if (ip[0] != 0x0f || ip[1] != 0xa2) { /* a real fault: crash as usual */
-        signal(SIGSEGV, SIG_DFL);
+    if (info->si_code != SI_KERNEL || ip[0] != 0x0f || ip[1] != 0xa2) {
+        pass_on(sig, info, context);
         return;
     }
     unsigned leaf = (unsigned)r[REG_RAX], subleaf = (unsigned)r[REG_RCX], out[4];
@@ -44,7 +62,16 @@ static void on_segv(int sig, siginfo_t *info, void *context) {
     r[REG_RIP] += 2;
 }
 
+int sigaction(int sig, const struct sigaction *action, struct sigaction *old) {
+    if (real_sigaction == NULL) real_sigaction = dlsym(RTLD_NEXT, "sigaction");
+    if (sig != SIGSEGV || !active) return real_sigaction(sig, action, old);
+    if (old != NULL) *old = app_action;
+    if (action != NULL) app_action = *action;
+    return 0;
+}
+
 __attribute__((constructor)) static void install(void) {
+    real_sigaction = dlsym(RTLD_NEXT, "sigaction");
     const char *spec = getenv("ONNXQ_CPUID_MASK");
     if (spec == NULL) return;
     for (int used = 0; n_rules < MAX_RULES; spec += used) {
@@ -56,8 +83,9 @@ __attribute__((constructor)) static void install(void) {
     memset(&action, 0, sizeof action);
     action.sa_sigaction = on_segv;
     action.sa_flags = SA_SIGINFO | SA_NODEFER;
-    if (sigaction(SIGSEGV, &action, NULL) != 0 || set_faulting(1) != 0) {
+    if (real_sigaction(SIGSEGV, &action, &app_action) != 0 || set_faulting(1) != 0) {
         fputs("cpuid_mask: this kernel or CPU cannot fault on CPUID (no cpuid_fault)\n", stderr);
         _exit(3);
     }
+    active = 1;
 }

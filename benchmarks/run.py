@@ -26,7 +26,6 @@ from benchmarks.cpu_mask import (
     MaskUnavailable,
     mask_spec,
     masked_env,
-    masked_features,
 )
 from benchmarks.measure import ModelResult, measure_model
 from benchmarks.report import write_results
@@ -72,7 +71,6 @@ def run(args: argparse.Namespace) -> list[ModelResult]:
     env = environment(Provider.CPU, intra_op_threads=threads)
     env.update(_versions())
     if args.cpu:
-        env["cpu_features"] = masked_features(args.cpu, env["cpu_features"])
         env["cpu_mask"] = f"{args.cpu}: {PROFILES[args.cpu][0]}"
     run_info = {
         "command": _command(args),

@@ -1,4 +1,5 @@
-"""CPU instruction sets that decide int8 speed and accuracy in ONNX Runtime.
+"""CPU instruction sets that decide int8 speed and accuracy in ONNX Runtime, read as its
+kernel dispatch reads them (CPUID).
 
 On x86 without VNNI, ORT's u8s8 kernels multiply with VPMADDUBSW, whose 16-bit intermediate
 sums of two ``uint8 * int8`` products saturate once ``|w|`` reaches about 64; 7-bit weights
@@ -7,11 +8,43 @@ sums of two ``uint8 * int8`` products saturate once ``|w|`` reaches about 64; 7-
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+Cpuid = Callable[[int, int], tuple[int, int, int, int]]
+
+#: feature -> the CPUID bits (leaf, subleaf, register index EAX..EDX, bit) any of which gives it
+CPUID_FEATURES: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "avx2": ((7, 0, 1, 5),),
+    "avx512": ((7, 0, 1, 16),),  # AVX512F
+    "vnni": ((7, 0, 2, 11), (7, 1, 0, 4), (7, 0, 3, 25)),  # AVX512_VNNI, AVX-VNNI, AMX-INT8
+}
+#: the same features as Linux ``/proc/cpuinfo`` flags, where CPUID cannot be run
+CPUINFO_FLAGS: dict[str, frozenset[str]] = {
+    "avx2": frozenset({"avx2"}),
+    "avx512": frozenset({"avx512f"}),
+    "vnni": frozenset({"avx512_vnni", "avx_vnni", "amx_int8"}),
+}
+# void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]), x86-64 System V calling convention
+CPUID_CODE = bytes.fromhex(
+    "53"  # push rbx
+    "89f8"  # mov eax, edi
+    "89f1"  # mov ecx, esi
+    "4989d0"  # mov r8, rdx
+    "0fa2"  # cpuid
+    "418900"  # mov [r8], eax
+    "41895804"  # mov [r8 + 4], ebx
+    "41894808"  # mov [r8 + 8], ecx
+    "4189500c"  # mov [r8 + 12], edx
+    "5b"  # pop rbx
+    "c3"  # ret
+)
 
 
 @dataclass(frozen=True)
@@ -38,14 +71,50 @@ class CpuFeatures:
 
 @cache
 def cpu_features() -> CpuFeatures:
-    """Read the flags of this machine's CPU (Linux ``/proc/cpuinfo``; elsewhere all False)."""
-    flags = set((cpuinfo_value("flags") or "").split())
-    return CpuFeatures(
-        machine=platform.machine(),
-        avx2="avx2" in flags,
-        avx512="avx512f" in flags,
-        vnni=bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}),
+    """This CPU's features as ONNX Runtime's kernel dispatch sees them: from CPUID itself on
+    x86-64 (so an emulator's or a masked CPUID counts, as it does for ORT), else from Linux
+    ``/proc/cpuinfo`` flags (elsewhere all False)."""
+    cpuid = _cpuid()
+    if cpuid is not None:
+        found = {name: _has(cpuid, bits) for name, bits in CPUID_FEATURES.items()}
+    else:
+        flags = set((cpuinfo_value("flags") or "").split())
+        found = {name: bool(flags & names) for name, names in CPUINFO_FLAGS.items()}
+    return CpuFeatures(machine=platform.machine(), **found)
+
+
+def _has(cpuid: Cpuid, bits: tuple[tuple[int, int, int, int], ...]) -> bool:
+    """Whether any of ``bits`` is set, for leaves and subleaves this CPU reports."""
+    max_leaf = cpuid(0, 0)[0]
+    max_subleaf = {7: cpuid(7, 0)[0]} if max_leaf >= 7 else {}
+    return any(
+        leaf <= max_leaf
+        and subleaf <= max_subleaf.get(leaf, 0)
+        and cpuid(leaf, subleaf)[reg] >> bit & 1
+        for leaf, subleaf, reg, bit in bits
     )
+
+
+def _cpuid() -> Cpuid | None:
+    """CPUID as a Python function: ``CPUID_CODE`` in an executable page (x86-64 Unix), or
+    ``None`` where that cannot run (another CPU or OS, or a system that forbids such pages)."""
+    if platform.machine().lower() not in {"x86_64", "amd64"} or not hasattr(mmap, "PROT_EXEC"):
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except OSError:
+        return None
+    page.write(CPUID_CODE)
+    signature = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)
+    function = signature(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+
+    def cpuid(leaf: int, subleaf: int) -> tuple[int, int, int, int]:
+        out = (ctypes.c_uint32 * 4)()
+        function(leaf, subleaf, ctypes.addressof(out))
+        return tuple(out)  # type: ignore[return-value]
+
+    cpuid.page = page  # type: ignore[attr-defined]  # keeps the code mapped
+    return cpuid
 
 
 @cache

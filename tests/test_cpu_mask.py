@@ -1,9 +1,12 @@
 """The CPUID mask behind ``benchmarks.run --cpu``: a process under it sees the profile's CPU
-(read back through numpy's own CPUID dispatch), and the rules it hands the shim are the SDM's."""
+(read back through numpy's own CPUID dispatch and through ``onnxq.isa``), its own SIGSEGV
+handlers still get real faults, and the rules it hands the shim are the SDM's."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,17 +14,17 @@ import pytest
 
 from benchmarks.cpu_mask import (
     FEATURE_BITS,
+    MASK_VARIABLE,
     PROFILES,
     MaskUnavailable,
     mask_spec,
     masked_env,
-    masked_features,
 )
 from onnxq.isa import cpu_features
 
-NUMPY_FEATURES = (
+SEEN_FEATURES = (
     "import json; from numpy._core._multiarray_umath import __cpu_features__ as f; "
-    "print(json.dumps(f))"
+    "from onnxq.isa import cpu_features; print(json.dumps([f, cpu_features().to_dict()]))"
 )
 
 
@@ -47,25 +50,40 @@ def test_avx512_no_vnni_profile_keeps_avx512():
     assert rules[(7, 1, 0)] & 1 << 4 and not rules[(7, 1, 0)] & 1 << 5  # AVX-VNNI; BF16 stays
 
 
-def test_masked_features_never_claim_what_the_host_lacks():
-    host = cpu_features().to_dict()
-    for profile in PROFILES:
-        seen = masked_features(profile, host)
-        assert not seen["vnni"] and seen["u8s8_saturates"]
-        assert seen["avx512"] <= host["avx512"]
-
-
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_a_masked_process_sees_the_profiles_cpu(profile):
-    try:
-        env = masked_env(profile)
-    except MaskUnavailable as error:
-        pytest.skip(str(error))
-    run = [sys.executable, "-c", NUMPY_FEATURES]
-    host = json.loads(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
+    env = _masked_env(profile)
+    run = [sys.executable, "-c", SEEN_FEATURES]
+    host, host_isa = json.loads(
+        subprocess.run(run, check=True, capture_output=True, text=True).stdout
+    )
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    masked = json.loads(done.stdout)
+    masked, masked_isa = json.loads(done.stdout)
     assert masked["AVX2"] == host["AVX2"] and masked["FMA3"] == host["FMA3"]
     assert not masked["AVX512VNNI"]
     assert masked["AVX512F"] == (host["AVX512F"] and profile == "avx512-no-vnni")
+    assert host_isa == cpu_features().to_dict()
+    assert masked_isa["u8s8_saturates"] and not masked_isa["vnni"]
+    assert masked_isa["avx512"] == masked["AVX512F"] and masked_isa["avx2"] == masked["AVX2"]
+
+
+def test_the_processs_own_segfault_handler_still_runs():
+    """faulthandler (as pytest and Ray install) replaces SIGSEGV handlers: the mask keeps
+    answering CPUID and hands the real fault on, so the traceback is printed."""
+    env = _masked_env("avx2")
+    crash = "import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)"
+    done = subprocess.run(
+        [sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGSEGV
+    assert "Fatal Python error: Segmentation fault" in done.stderr
+
+
+def _masked_env(profile: str) -> dict[str, str]:
+    if MASK_VARIABLE in os.environ:
+        pytest.skip("this process already runs under a CPUID mask")
+    try:
+        return masked_env(profile)
+    except MaskUnavailable as error:
+        pytest.skip(str(error))

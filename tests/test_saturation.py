@@ -4,6 +4,7 @@ so this holds whatever CPU runs the test."""
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from hypothesis.extra.numpy import arrays
 from onnx import helper, numpy_helper
 from support import sqnr_db
 
-from benchmarks.cpu_mask import MaskUnavailable, masked_env
+from benchmarks.cpu_mask import MASK_VARIABLE, MaskUnavailable, masked_env
 from onnxq.config import QuantConfig
 from onnxq.isa import cpu_features
 from onnxq.model_io import save_model
@@ -149,13 +150,16 @@ def _run_on(
         return [saved[f"arr_{i}"] for i in range(len(paths))]
 
 
-def _qemu_haswell() -> tuple[list[str], None]:
+def _qemu_haswell() -> tuple[list[str], dict]:
     if shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64":
         pytest.skip("needs QEMU user-mode emulation (Debian: apt install qemu-user) on x86_64")
-    return ["qemu-x86_64", "-cpu", "Haswell"], None
+    unmasked = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", MASK_VARIABLE)}
+    return ["qemu-x86_64", "-cpu", "Haswell"], unmasked
 
 
 def _cpuid_masked_to_avx2() -> tuple[list[str], dict]:
+    if MASK_VARIABLE in os.environ:
+        pytest.skip("this process already runs under a CPUID mask")
     try:
         return [], masked_env("avx2")
     except MaskUnavailable as error:

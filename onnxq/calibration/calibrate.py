@@ -27,7 +27,7 @@ from onnxq.calibration.hessian import HessianObserver, InputLayout
 from onnxq.calibration.observers import MinMaxObserver, MovingAverageMinMaxObserver
 from onnxq.calibration.ranges import observer_kind, observers_for, pick_observer
 from onnxq.calibration.readers import batch_files, open_feeds
-from onnxq.config import CalibrationMethod, QuantConfig, WeightRounding
+from onnxq.config import CalibrationMethod, QuantConfig, WeightRange, WeightRounding
 from onnxq.errors import ConfigError, RangesError
 from onnxq.executor import Executor, local_executor
 from onnxq.model_io import input_specs, serialize
@@ -88,6 +88,12 @@ def weight_hessian_observers(plan: QuantPlan) -> dict[str, tuple[str, HessianObs
     return observers
 
 
+def needs_hessians(config: QuantConfig) -> bool:
+    """Whether weights use the inputs' ``E[x x^T]``: GPTQ rounding, or MSE weight ranges
+    (which weigh each weight's error by its input's ``E[x**2]``)."""
+    return config.weight_rounding is WeightRounding.GPTQ or config.weight_range is WeightRange.MSE
+
+
 def calibrate_plan(
     float_proto: onnx.ModelProto,
     plan: QuantPlan,
@@ -103,13 +109,13 @@ def calibrate_plan(
     """Observe ``plan.roots`` over the data.
 
     ``methods``: the range methods the statistics must serve (default: the config's).
-    ``hessians``: also collect GPTQ Hessians (default: when the config rounds with GPTQ).
+    ``hessians``: also collect GPTQ Hessians (default: ``needs_hessians(config)``).
     ``executor``: where the shards run (default: ``local_executor(workers)``).
     ``on_batch(samples)`` follows progress: samples of the batches observed so far.
     """
     methods = (config.method,) if methods is None else tuple(methods)
     if hessians is None:
-        hessians = config.weight_rounding is WeightRounding.GPTQ
+        hessians = needs_hessians(config)
     observers = {root: observers_for(methods, config.averaging_constant) for root in plan.roots}
     hessian_observers = weight_hessian_observers(plan) if hessians else {}
     by_tensor: dict[str, list[Observer]] = {name: list(group) for name, group in observers.items()}
@@ -253,12 +259,12 @@ def calibration_from_ranges(
             )
         observers[root] = [observer]
     hessians, notes = None, []
-    if config.weight_rounding is WeightRounding.GPTQ:
+    if needs_hessians(config):
         hessians = file.hessians()
         if hessians is None:
             notes.append(
-                f"GPTQ fell back to nearest rounding: {file.path.name} has no Hessians "
-                "(calibrated with --no-hessians)"
+                f"GPTQ fell back to nearest rounding and MSE weight ranges to unweighted "
+                f"errors: {file.path.name} has no Hessians (calibrated with --no-hessians)"
             )
     return Calibration(
         fingerprint=file.fingerprint,

@@ -26,12 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.weight_ranges import weight_qparams_for
-from onnxq.config import QuantConfig
+from onnxq.config import QuantConfig, WeightRange, WeightRounding
 from onnxq.passes.naming import add_initializer
 from onnxq.passes.op_rules import OpRule, weight_axis
 from onnxq.passes.opset import default_opset
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
-from onnxq.passes.weight_rounding import round_weight
+from onnxq.passes.weight_rounding import input_importance, round_weight
 from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias
 from onnxq.targets import BiasForm, get_target
 
@@ -104,8 +104,9 @@ def insert_qdq(
     """Function twin of ``InsertQDQPass`` (rewrites ``model`` in place and returns it).
 
     ``hessians`` maps node names to ``E[x x^T]`` of their input; those nodes' weights get
-    GPTQ rounding (``onnxq.passes.weight_rounding``), the rest round to nearest. ``rounded``,
-    when given, memoises the integer weights across calls (variants of one model).
+    GPTQ rounding (``onnxq.passes.weight_rounding``) when the config asks for it, the rest
+    round to nearest, and MSE weight ranges weigh each weight by its input's ``E[x**2]``.
+    ``rounded``, when given, memoises the integer weights across calls (variants of one model).
     ``weight_qparams`` maps ``(node name, input index)`` to the qparams that weight must use
     (e.g. scales learned by quantization-aware training) instead of its own min-max or MSE ones.
     """
@@ -235,6 +236,10 @@ class _Rewriter:
         per_channel = self.config.per_channel and node.op_type in self.target.per_channel_ops
         axis = weight_axis(node, index, array.ndim) if per_channel else None
         symmetric = self.config.weight_type.signed
+        hessian = self.hessians.get(node.name) if index == 1 else None
+        weighted = {}
+        if hessian is not None and self.config.weight_range is WeightRange.MSE:
+            weighted = {"importance": input_importance(node, array, hessian)}
         weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
         qp = self.given_weight_qparams.get((node.name, index)) or weight_qparams(
             array,
@@ -242,6 +247,7 @@ class _Rewriter:
             axis=axis,
             symmetric=symmetric,
             reduce_range=self.reduce_range,
+            **weighted,
         )
         if bias is not None:
             input_scale = self._input_scale(node)
@@ -257,7 +263,8 @@ class _Rewriter:
             limit = np.abs(bias_array).max() if qp.axis is None else np.abs(bias_array)
             scale = fit_weight_scale_to_bias(qp.scale, input_scale, np.asarray(limit))
             qp = replace(qp, scale=scale.reshape(qp.scale.shape))
-        hessian = self.hessians.get(node.name) if index == 1 else None
+        if self.config.weight_rounding is not WeightRounding.GPTQ:
+            hessian = None
         key = (weight.name, qp.axis, qp.scale.tobytes())
         if key not in self.weight_dq:
             memo = (node.name, weight.name, qp.scale.tobytes(), hessian is not None)

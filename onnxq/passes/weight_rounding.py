@@ -47,8 +47,7 @@ def round_weight(
     """Integers for ``weight``: GPTQ when a Hessian is given (rules 1-2), else nearest."""
     if hessian is None:
         return quantize(weight, qp)
-    transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB"))
-    rows = weight.T if transposed else weight.reshape(weight.shape[0], -1)
+    rows = _as_rows(node, weight)
     row_qp = _row_qparams(qp, rows.shape[0])
     groups = hessian.shape[0]
     per_group = rows.shape[0] // groups
@@ -57,7 +56,30 @@ def round_weight(
         part = slice(g * per_group, (g + 1) * per_group)
         group_qp = replace(row_qp, scale=row_qp.scale[part], zero_point=row_qp.zero_point[part])
         out[part] = gptq_round(rows[part], hessian[g], group_qp)
-    return out.T if transposed else out.reshape(weight.shape)
+    return _from_rows(node, out, weight.shape)
+
+
+def input_importance(node: ir.Node, weight: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """``E[x**2]`` of the input each element of ``weight`` multiplies (``weight``'s shape):
+    the diagonal of the group's ``H`` along every row (rules 1-2)."""
+    rows = _as_rows(node, weight)
+    diagonal = np.diagonal(hessian, axis1=1, axis2=2)  # [groups, K]
+    per_row = np.repeat(diagonal, rows.shape[0] // diagonal.shape[0], axis=0)
+    return _from_rows(node, per_row.astype(np.float32), weight.shape)
+
+
+def _transposed(node: ir.Node) -> bool:
+    return node.op_type == "MatMul" or (node.op_type == "Gemm" and not _attr(node, "transB"))
+
+
+def _as_rows(node: ir.Node, weight: np.ndarray) -> np.ndarray:
+    """GPTQ's ``[rows, K]`` view of ``weight`` (rules 1-2)."""
+    return weight.T if _transposed(node) else weight.reshape(weight.shape[0], -1)
+
+
+def _from_rows(node: ir.Node, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of ``_as_rows``."""
+    return rows.T if _transposed(node) else rows.reshape(shape)
 
 
 def _row_qparams(qp: QParams, rows: int) -> QParams:
