@@ -7,9 +7,16 @@ int8 weights lose accuracy after training and quantization-aware training wins i
 last pointwise block's input dies (always 0 after ReLU6): BatchNorm's running variance there is
 ~0, so folding scales that depthwise channel's weights to ~140x the median channel's. Its
 output does not depend on them, but a per-tensor weight range does.
+
+``pretrained_digits_dwcnn()`` loads exactly those weights (``digits_dwcnn_seed0.npz``, what
+``train_digits_dwcnn`` gives with seed 0 and 2 torch threads on an AVX-512 CPU). Training rounds
+differently with AVX2 kernels and ends a few test digits apart, so comparisons that must agree on
+every CPU start from the shipped weights.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +24,8 @@ from torch import nn
 
 from models.digits_cnn import INPUT_SHAPE, NUM_CLASSES
 from models.training import fit_classifier
+
+PRETRAINED = Path(__file__).with_name("digits_dwcnn_seed0.npz")
 
 
 def _separable(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
@@ -71,3 +80,11 @@ def train_digits_dwcnn(
         torch.manual_seed(seed)
         model = DigitsDepthwiseCNN()
     return fit_classifier(model, x, y, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+
+
+def pretrained_digits_dwcnn() -> DigitsDepthwiseCNN:
+    """The shipped seed-0 model (see the module docstring), in eval mode."""
+    model = DigitsDepthwiseCNN()
+    with np.load(PRETRAINED) as saved:
+        model.load_state_dict({name: torch.from_numpy(saved[name]) for name in saved.files})
+    return model.eval()

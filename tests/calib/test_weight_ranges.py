@@ -73,3 +73,61 @@ def test_config_weight_range_mse_reaches_the_weights(cnn, cnn_calib, monkeypatch
     calls.clear()
     quantize(cnn, cnn_calib, config.replace(weight_range="minmax"))
     assert not calls
+
+
+def test_input_power_lets_a_dead_channel_be_clipped(rng):
+    """Per-tensor depthwise weights where channel 2 is 140x the others but its input is always
+    zero (a dead channel behind BatchNorm folding): weighted by ``E[x**2]`` the range fits the
+    live channels; unweighted, the outlier's own error keeps it near min-max."""
+    weight = rng.standard_normal((4, 1, 3, 3)).astype(np.float32)
+    weight[2] *= 140.0
+    importance = np.ones_like(weight)
+    importance[2] = 0.0
+    kwargs = {"axis": None, "symmetric": True, "reduce_range": True}
+    minmax = weight_qparams(weight, QuantType.INT8, **kwargs)
+    plain = mse_weight_qparams(weight, QuantType.INT8, **kwargs)
+    weighted = mse_weight_qparams(weight, QuantType.INT8, importance=importance, **kwargs)
+    live = np.delete(weight, 2, axis=0)
+    assert plain.scale > 0.5 * minmax.scale
+    assert weighted.scale < 0.03 * minmax.scale  # below 2**-5: the geometric tail's reach
+    assert weighted.scale >= 0.5 * np.abs(live).max() / 63  # the live channels are not clipped much
+    live_error = ((live - dequantize(quantize_levels(live, weighted), weighted)) ** 2).sum()
+    assert (
+        live_error < 0.01 * ((live - dequantize(quantize_levels(live, minmax), minmax)) ** 2).sum()
+    )
+
+
+@pytest.mark.parametrize(
+    ("op_type", "attributes", "weight_shape", "hessian_shape"),
+    [
+        ("MatMul", {}, (5, 3), (1, 5, 5)),  # B[K, N]: column k multiplies input k
+        ("Gemm", {"transB": 1}, (3, 5), (1, 5, 5)),  # W[N, K]
+        ("Gemm", {}, (5, 3), (1, 5, 5)),  # W[K, N]
+        ("Conv", {"group": 2}, (4, 1, 2, 2), (2, 4, 4)),  # group g: rows 2g, 2g+1
+    ],
+)
+def test_input_importance_follows_the_gptq_layout(
+    rng, op_type, attributes, weight_shape, hessian_shape
+):
+    import onnx_ir as ir
+
+    from onnxq.passes.weight_rounding import input_importance
+
+    node = ir.node(op_type, [ir.Value(name="x"), ir.Value(name="w")], attributes=attributes)
+    weight = rng.standard_normal(weight_shape).astype(np.float32)
+    diagonal = rng.uniform(0.5, 2.0, hessian_shape[:2])
+    hessian = np.stack([np.diag(d) + 0.01 for d in diagonal])
+    got = input_importance(node, weight, hessian)
+    assert got.shape == weight.shape
+    if op_type == "Conv":
+        for row in range(weight_shape[0]):
+            group = row // (weight_shape[0] // hessian_shape[0])
+            np.testing.assert_allclose(got[row].ravel(), np.diagonal(hessian[group]), rtol=1e-6)
+    elif op_type == "Gemm" and attributes:
+        np.testing.assert_allclose(
+            got, np.broadcast_to(diagonal[0] + 0.01, weight_shape), rtol=1e-6
+        )
+    else:
+        np.testing.assert_allclose(
+            got, np.broadcast_to((diagonal[0] + 0.01)[:, None], weight_shape), rtol=1e-6
+        )
