@@ -55,7 +55,8 @@ class CalibrationMethod(str, enum.Enum):
 
 class WeightRange(str, enum.Enum):
     """How a weight channel's range is chosen: its min and max, or the clipped range with the
-    least squared rounding error (``onnxq.calibration.weight_ranges``)."""
+    least squared rounding error, each weight's error weighed by its input's ``E[x**2]`` where
+    calibration gives it (``onnxq.calibration.weight_ranges``)."""
 
     MINMAX = "minmax"
     MSE = "mse"
@@ -105,7 +106,8 @@ class QuantConfig:
         max_samples: stop calibration after this many samples (``None``: all).
         averaging_constant: for ``moving_average``, the EMA weight ``c`` of each new batch:
             ``m <- m + c * (batch_min - m)`` (PyTorch's default 0.01).
-        weight_range: ``minmax`` or ``mse`` (per-channel clipping search) weight ranges.
+        weight_range: ``minmax`` or ``mse`` (clipping search, input-weighted in static mode)
+            weight ranges.
         quantize_outputs: also quantize tensors that are graph outputs. Off by default:
             MatMul/Gemm keep an int8 kernel with a float output, and the model's
             outputs keep full precision.

@@ -9,6 +9,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -157,31 +158,39 @@ def _qemu_haswell() -> tuple[list[str], dict]:
     return ["qemu-x86_64", "-cpu", "Haswell"], unmasked
 
 
-def _cpuid_masked_to_avx2() -> tuple[list[str], dict]:
-    if MASK_VARIABLE in os.environ:
-        pytest.skip("this process already runs under a CPUID mask")
-    try:
-        return [], masked_env("avx2")
-    except MaskUnavailable as error:
-        pytest.skip(str(error))
+def _cpuid_masked(profile: str) -> Callable[[], tuple[list[str], dict]]:
+    def runner() -> tuple[list[str], dict]:
+        if MASK_VARIABLE in os.environ:
+            pytest.skip("this process already runs under a CPUID mask")
+        try:
+            return [], masked_env(profile)
+        except MaskUnavailable as error:
+            pytest.skip(str(error))
+
+    return runner
 
 
-@pytest.mark.parametrize("avx2_cpu", [_qemu_haswell, _cpuid_masked_to_avx2], ids=["qemu", "mask"])
-def test_on_onnx_runtimes_own_avx2_kernels(cnn_and_data, tmp_path, avx2_cpu):
-    """ONNX Runtime itself dispatching for an AVX2 CPU without VNNI or AVX-512: on an emulated
-    Haswell, or natively with those CPUID bits hidden (``benchmarks.cpu_mask``; both give the
-    same bits). Its real u8s8 AVX2 kernels run: the default target gives bit-identical outputs;
-    the VNNI-only target, where this CPU has VNNI, visibly does not (which also proves the
-    dispatch reached the saturating kernels). Measured on ResNet-18 the same way: ort-cpu
-    29.7 dB on both CPUs, ort-x86-vnni 30.7 dB here, 11.1 dB on Haswell."""
-    prefix, env = avx2_cpu()
+@pytest.mark.parametrize(
+    "no_vnni_cpu",
+    [_qemu_haswell, _cpuid_masked("avx2"), _cpuid_masked("avx512-no-vnni")],
+    ids=["qemu-haswell", "mask-avx2", "mask-avx512-no-vnni"],
+)
+def test_on_onnx_runtimes_own_kernels_without_vnni(cnn_and_data, tmp_path, no_vnni_cpu):
+    """ONNX Runtime itself dispatching for an x86 CPU without VNNI: on an emulated Haswell, or
+    natively with CPUID bits hidden (``benchmarks.cpu_mask``): AVX2 (the same bits as QEMU's
+    Haswell) or AVX-512 without VNNI (Skylake-SP, whose AVX-512BW kernels saturate alike). Its
+    real saturating u8s8 kernels run: the default target gives bit-identical outputs; the
+    VNNI-only target, where this CPU has VNNI, visibly does not (which also proves the dispatch
+    reached those kernels). Measured on ResNet-18 the same way: ort-cpu 29.7 dB on both CPUs,
+    ort-x86-vnni 30.7 dB here, 11.1 dB on Haswell."""
+    prefix, env = no_vnni_cpu()
     model, feed = cnn_and_data
     paths = []
     for target in ("ort-cpu", "ort-x86-vnni"):
         paths.append(tmp_path / f"{target}.onnx")
         save_model(quantize(model, feed, QuantConfig(target=target)), paths[-1])
     here = _run_on([], paths, feed, tmp_path)
-    avx2 = _run_on(prefix, paths, feed, tmp_path, env)
-    np.testing.assert_array_equal(avx2[0], here[0])  # measured: bit-identical
-    if not cpu_features().u8s8_saturates:  # this CPU sums exactly: AVX2 must differ
-        assert sqnr_db(here[1], avx2[1]) < 50  # measured 44.4 dB from this CPU's output
+    there = _run_on(prefix, paths, feed, tmp_path, env)
+    np.testing.assert_array_equal(there[0], here[0])  # measured: bit-identical
+    if not cpu_features().u8s8_saturates:  # this CPU sums exactly: that one must differ
+        assert sqnr_db(here[1], there[1]) < 50  # measured 44.4 dB (AVX2) from this CPU's output

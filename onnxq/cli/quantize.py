@@ -97,7 +97,8 @@ from onnxq.targets.ort_format import ort_path
     type=click.Choice([r.value for r in WeightRange]),
     default="minmax",
     show_default=True,
-    help="Per-channel weight ranges: min-max, or clipped for least squared error.",
+    help="Weight ranges: min-max, or clipped for the least squared error (each weight's error "
+    "weighed by its input's E[x^2] from calibration: weights of dead inputs are clipped).",
 )
 @target_option
 @click.option(
