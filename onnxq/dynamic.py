@@ -15,10 +15,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxq.calibration.calibrate import calibrate_plan
+from onnxq.calibration.calibrate import calibrate_plan, needs_hessians
 from onnxq.calibration.readers import open_feeds
 from onnxq.calibration.synthetic import synthetic_token_feeds
-from onnxq.config import QuantConfig, QuantMode, WeightRounding
+from onnxq.config import QuantConfig, QuantMode
 from onnxq.errors import CalibrationDataError, OnnxqError, first_line
 from onnxq.evaluate import sqnr_db
 from onnxq.ir_io import from_proto, to_proto
@@ -181,9 +181,9 @@ def _quantize(
 
 
 def _weight_hessians(float_model: ir.Model, config: QuantConfig, data: Any) -> dict[str, Any]:
-    """GPTQ's input Hessians ``E[x x^T]`` of the weight MatMuls over ``data`` (none without
-    data, or with nearest rounding)."""
-    if data is None or config.weight_rounding is not WeightRounding.GPTQ:
+    """The input Hessians ``E[x x^T]`` of the weight MatMuls over ``data``, for GPTQ rounding
+    and MSE weight ranges (none without data, or where neither is asked for)."""
+    if data is None or not needs_hessians(config):
         return {}
     plan = plan_quantization(float_model, config.replace(op_types=("MatMul",)))
     weights_only = QuantPlan(nodes=plan.nodes)

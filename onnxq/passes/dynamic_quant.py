@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.weight_ranges import weight_qparams_for
-from onnxq.config import QuantConfig, QuantType
+from onnxq.config import QuantConfig, QuantType, WeightRange, WeightRounding
 from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.naming import add_initializer
 from onnxq.passes.plan import (
@@ -39,7 +39,7 @@ from onnxq.passes.plan import (
     is_float32,
     node_label,
 )
-from onnxq.passes.weight_rounding import round_weight
+from onnxq.passes.weight_rounding import input_importance, round_weight
 from onnxq.qparams import QParams, quantize
 
 MS_DOMAIN = "com.microsoft"
@@ -103,7 +103,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         hessian = self._shared_hessian(weight)
         result = self._emit_matmul(graph, node, activation, weight, transposed=False)
         _take_over(graph, node, output, result)
-        return "int8 DynamicQuantizeMatMul" + (" (GPTQ rounding)" if hessian is not None else "")
+        gptq = hessian is not None and self.config.weight_rounding is WeightRounding.GPTQ
+        return "int8 DynamicQuantizeMatMul" + (" (GPTQ rounding)" if gptq else "")
 
     def _shared_hessian(self, weight: ir.Value) -> np.ndarray | None:
         """Mean Hessian of the MatMuls reading ``weight`` (``None`` if one has none)."""
@@ -122,8 +123,11 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             array = weight.const_value.numpy().astype(np.float32)
             if transposed:
                 array = np.ascontiguousarray(array.T)
-            qp = self._weight_qparams(array, 1 if self.config.per_channel else None)
             hessian = None if transposed else self._shared_hessian(weight)
+            axis = 1 if self.config.per_channel else None
+            qp = self._weight_qparams(array, axis, anchor, hessian)
+            if self.config.weight_rounding is not WeightRounding.GPTQ:
+                hessian = None
             levels = round_weight(anchor, array, qp, hessian)
             self._weights[key] = (
                 add_initializer(graph, f"{weight.name}_quantized", levels),
@@ -229,13 +233,24 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         _ensure_opset(graph, MS_DOMAIN)
         return "int8 DynamicQuantizeLSTM"
 
-    def _weight_qparams(self, array: np.ndarray, axis: int | None) -> QParams:
+    def _weight_qparams(
+        self,
+        array: np.ndarray,
+        axis: int | None,
+        anchor: ir.Node | None = None,
+        hessian: np.ndarray | None = None,
+    ) -> QParams:
+        """Min-max or MSE qparams; MSE weighs errors by the input's ``E[x**2]`` when known."""
+        weighted = {}
+        if anchor is not None and hessian is not None and self.config.weight_range is WeightRange.MSE:
+            weighted = {"importance": input_importance(anchor, array, hessian)}
         return weight_qparams_for(self.config.weight_range)(
             array,
             QuantType.INT8,
             axis=axis,
             symmetric=True,
             reduce_range=bool(self.config.reduce_range),
+            **weighted,
         )
 
 
