@@ -80,9 +80,9 @@ def mask_spec(profile: str) -> str:
     )
 
 
-def masked_env(profile: str, base: dict[str, str] | None = None) -> dict[str, str]:
-    """An environment whose processes see ``profile``'s CPU (``base`` defaults to os.environ)."""
-    env = dict(os.environ if base is None else base)
+def masked_env(profile: str) -> dict[str, str]:
+    """This process's environment, with which processes see ``profile``'s CPU."""
+    env = dict(os.environ)
     preload = [str(build_shim()), *filter(None, env.get("LD_PRELOAD", "").split(":"))]
     env["LD_PRELOAD"] = ":".join(preload)
     env[MASK_VARIABLE] = mask_spec(profile)
