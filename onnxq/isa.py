@@ -31,6 +31,12 @@ CPUINFO_FLAGS: dict[str, frozenset[str]] = {
     "avx512": frozenset({"avx512f"}),
     "vnni": frozenset({"avx512_vnni", "avx_vnni", "amx_int8"}),
 }
+#: and as numpy's run-time dispatch names them (Windows, where neither of the above exists)
+NUMPY_FEATURES: dict[str, frozenset[str]] = {
+    "avx2": frozenset({"AVX2"}),
+    "avx512": frozenset({"AVX512F"}),
+    "vnni": frozenset({"AVX512VNNI", "AVXVNNI"}),
+}
 # void cpuid(uint32 leaf, uint32 subleaf, uint32 out[4]), x86-64 System V calling convention
 CPUID_CODE = bytes.fromhex(
     "53"  # push rbx
@@ -72,15 +78,27 @@ class CpuFeatures:
 @cache
 def cpu_features() -> CpuFeatures:
     """This CPU's features as ONNX Runtime's kernel dispatch sees them: from CPUID itself on
-    x86-64 (so an emulator's or a masked CPUID counts, as it does for ORT), else from Linux
-    ``/proc/cpuinfo`` flags (elsewhere all False)."""
+    x86-64 Unix (so an emulator's or a masked CPUID counts, as it does for ORT), else from Linux
+    ``/proc/cpuinfo`` flags, else from numpy's run-time dispatch table."""
     cpuid = _cpuid()
     if cpuid is not None:
         found = {name: _has(cpuid, bits) for name, bits in CPUID_FEATURES.items()}
-    else:
+    elif Path("/proc/cpuinfo").is_file():
         flags = set((cpuinfo_value("flags") or "").split())
         found = {name: bool(flags & names) for name, names in CPUINFO_FLAGS.items()}
+    else:
+        flags = _numpy_flags()
+        found = {name: bool(flags & names) for name, names in NUMPY_FEATURES.items()}
     return CpuFeatures(machine=platform.machine(), **found)
+
+
+def _numpy_flags() -> set[str]:
+    """The CPU features numpy detected at import (empty where its table is not found)."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
+        return set()
+    return {name for name, present in features.items() if present}
 
 
 def _has(cpuid: Cpuid, bits: tuple[tuple[int, int, int, int], ...]) -> bool:
