@@ -22,6 +22,7 @@ from onnxq.isa import cpuinfo_value
 
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
 MASK_VARIABLE = "ONNXQ_CPUID_MASK"
+PROFILE_VARIABLE = "ONNXQ_CPUID_PROFILE"  # the profile's name, for reports
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 
 #: feature -> (CPUID leaf, subleaf, register, bit), from Intel's SDM, volume 2, CPUID.
@@ -86,7 +87,16 @@ def masked_env(profile: str) -> dict[str, str]:
     preload = [str(build_shim()), *filter(None, env.get("LD_PRELOAD", "").split(":"))]
     env["LD_PRELOAD"] = ":".join(preload)
     env[MASK_VARIABLE] = mask_spec(profile)
+    env[PROFILE_VARIABLE] = profile
     return env
+
+
+def active_mask() -> str | None:
+    """``"PROFILE: what such a CPU is"`` when this process runs masked, else ``None``."""
+    profile = os.environ.get(PROFILE_VARIABLE)
+    if profile not in PROFILES or os.environ.get(MASK_VARIABLE) != mask_spec(profile):
+        return None
+    return f"{profile}: {PROFILES[profile][0]}"
 
 
 def build_shim() -> Path:

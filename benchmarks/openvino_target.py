@@ -171,15 +171,17 @@ def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
-    from onnxq.isa import cpuinfo_value
+    from benchmarks.cpu_mask import active_mask
+    from onnxq.isa import cpu_features
     from onnxq.runtime import cpu_model_name
 
-    flags = set((cpuinfo_value("flags") or "").split())
+    features = cpu_features()
     core = ov.Core()
     return {
         "openvino": ov.get_version(),
         "cpu_model": cpu_model_name(),
-        "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}),
+        "cpu_flags": [name for name in ("avx2", "avx512", "vnni") if getattr(features, name)],
+        "cpu_mask": active_mask(),
         "default_inference_precision": core.get_property(
             "CPU", "INFERENCE_PRECISION_HINT"
         ).to_string(),
@@ -199,6 +201,7 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         f"OpenVINO {env['openvino']}, CPU plugin; {env['cpu_model']} "
         f"({', '.join(env['cpu_flags'])}); oneDNN ISA: {isa}"
         + (" (EMULATED with ONEDNN_MAX_CPU_ISA)" if isa != "native" else "")
+        + (f"; CPUID masked to {env['cpu_mask']}" if env.get("cpu_mask") else "")
         + f"; {env['threads']} thread(s), batch 1, {env['rounds']} interleaved rounds x 5 runs, "
         f"median; calibration on {env['calibration_images']} photo crops, SQNR vs fp32 on "
         f"{EVAL_IMAGES} evaluation crops (OpenVINO, f32).",

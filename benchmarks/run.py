@@ -24,6 +24,7 @@ from benchmarks.cpu_mask import (
     MASK_VARIABLE,
     PROFILES,
     MaskUnavailable,
+    active_mask,
     mask_spec,
     masked_env,
 )
@@ -70,8 +71,7 @@ def run(args: argparse.Namespace) -> list[ModelResult]:
             results.append(measure_model(model, threads=threads, variants=args.variants))
     env = environment(Provider.CPU, intra_op_threads=threads)
     env.update(_versions())
-    if args.cpu:
-        env["cpu_mask"] = f"{args.cpu}: {PROFILES[args.cpu][0]}"
+    env["cpu_mask"] = active_mask()
     run_info = {
         "command": _command(args),
         "quick": bool(args.quick),

@@ -24,7 +24,8 @@ from onnxq.isa import cpu_features
 
 SEEN_FEATURES = (
     "import json; from numpy._core._multiarray_umath import __cpu_features__ as f; "
-    "from onnxq.isa import cpu_features; print(json.dumps([f, cpu_features().to_dict()]))"
+    "from onnxq.isa import cpu_features; from benchmarks.cpu_mask import active_mask; "
+    "print(json.dumps([f, cpu_features().to_dict(), active_mask()]))"
 )
 
 
@@ -54,12 +55,13 @@ def test_avx512_no_vnni_profile_keeps_avx512():
 def test_a_masked_process_sees_the_profiles_cpu(profile):
     env = _masked_env(profile)
     run = [sys.executable, "-c", SEEN_FEATURES]
-    host, host_isa = json.loads(
+    host, host_isa, no_mask = json.loads(
         subprocess.run(run, check=True, capture_output=True, text=True).stdout
     )
     done = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    masked, masked_isa = json.loads(done.stdout)
+    masked, masked_isa, mask = json.loads(done.stdout)
+    assert no_mask is None and mask.startswith(f"{profile}: ")
     assert masked["AVX2"] == host["AVX2"] and masked["FMA3"] == host["FMA3"]
     assert not masked["AVX512VNNI"]
     assert masked["AVX512F"] == (host["AVX512F"] and profile == "avx512-no-vnni")
