@@ -242,7 +242,8 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
     ) -> QParams:
         """Min-max or MSE qparams; MSE weighs errors by the input's ``E[x**2]`` when known."""
         weighted = {}
-        if anchor is not None and hessian is not None and self.config.weight_range is WeightRange.MSE:
+        mse = self.config.weight_range is WeightRange.MSE
+        if mse and anchor is not None and hessian is not None:
             weighted = {"importance": input_importance(anchor, array, hessian)}
         return weight_qparams_for(self.config.weight_range)(
             array,
