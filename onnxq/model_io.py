@@ -104,7 +104,7 @@ def load_model(path: PathLike) -> onnx.ModelProto:
     if not model.graph.node and not model.graph.output:
         raise InvalidModelError(f"{path}: not a valid ONNX model (it parses to an empty graph)")
     try:  # over 2 GB the checker reads the file (it cannot serialise the model)
-        onnx.checker.check_model(model if not is_large(model) else os.fspath(path))
+        onnx.checker.check_model(serialize(model) or os.fspath(path))
     except CHECKER_ERRORS as exc:
         raise InvalidModelError(
             f"{path}: the ONNX checker rejects the model: {first_line(exc)}"

@@ -28,7 +28,7 @@ from onnxq.errors import ConfigError, OnnxqError, UnsupportedModelError, first_l
 from onnxq.executor import Executor
 from onnxq.ir_io import from_proto, to_proto
 from onnxq.isa import cpu_features
-from onnxq.model_io import CHECKER_ERRORS, input_specs, is_large, model_bytes, model_proto
+from onnxq.model_io import CHECKER_ERRORS, input_specs, model_bytes, model_proto, serialize
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
@@ -375,10 +375,11 @@ def finish(
     out = to_proto(model)
     drop_value_info(out)
     stamp_provenance(out, config, mode)
-    if is_large(out):  # cannot be serialised for the checker: save_model checks its files
+    data = serialize(out)
+    if data is None:  # over 2 GB the checker cannot take it: save_model checks its files
         return out
     try:
-        onnx.checker.check_model(out, full_check=True)
+        onnx.checker.check_model(data, full_check=True)
     except CHECKER_ERRORS as exc:
         raise QuantizationError(
             f"the quantized model fails the ONNX checker: {first_line(exc)}"
