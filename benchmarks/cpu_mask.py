@@ -23,6 +23,7 @@ from onnxq.isa import cpuinfo_value
 SOURCE = Path(__file__).with_name("cpuid_mask.c")
 MASK_VARIABLE = "ONNXQ_CPUID_MASK"
 PROFILE_VARIABLE = "ONNXQ_CPUID_PROFILE"  # the profile's name, for reports
+SHIM_PREFIX = "onnxq-cpuid-mask-"  # the built shim's file name, before its source digest
 REGISTERS = ("eax", "ebx", "ecx", "edx")
 
 #: feature -> (CPUID leaf, subleaf, register, bit), from Intel's SDM, volume 2, CPUID.
@@ -91,19 +92,32 @@ def masked_env(profile: str) -> dict[str, str]:
     return env
 
 
-def active_mask() -> str | None:
-    """``"PROFILE: what such a CPU is"`` when this process runs masked, else ``None``."""
+def active_profile() -> str | None:
+    """The profile this process runs masked to, or ``None``."""
     profile = os.environ.get(PROFILE_VARIABLE)
     if profile not in PROFILES or os.environ.get(MASK_VARIABLE) != mask_spec(profile):
         return None
-    return f"{profile}: {PROFILES[profile][0]}"
+    return profile
+
+
+def active_mask() -> str | None:
+    """``"PROFILE: what such a CPU is"`` when this process runs masked, else ``None``."""
+    profile = active_profile()
+    return None if profile is None else f"{profile}: {PROFILES[profile][0]}"
+
+
+def unmasked_env() -> dict[str, str]:
+    """This process's environment without the mask (for emulators, which cannot run it)."""
+    env = {k: v for k, v in os.environ.items() if k not in (MASK_VARIABLE, PROFILE_VARIABLE)}
+    preload = [p for p in env.pop("LD_PRELOAD", "").split(":") if p and SHIM_PREFIX not in p]
+    return {**env, "LD_PRELOAD": ":".join(preload)} if preload else env
 
 
 def build_shim() -> Path:
     """Compile ``cpuid_mask.c`` once per source version into the temporary folder."""
     _require_cpuid_faulting()
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    shim = Path(tempfile.gettempdir()) / f"onnxq-cpuid-mask-{digest}.so"
+    shim = Path(tempfile.gettempdir()) / f"{SHIM_PREFIX}{digest}.so"
     if shim.is_file():
         return shim
     compiler = shutil.which("cc") or shutil.which("gcc")

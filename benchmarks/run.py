@@ -20,14 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.cpu_mask import (
-    MASK_VARIABLE,
-    PROFILES,
-    MaskUnavailable,
-    active_mask,
-    mask_spec,
-    masked_env,
-)
+from benchmarks.cpu_mask import PROFILES, MaskUnavailable, active_mask, active_profile, masked_env
 from benchmarks.measure import ModelResult, measure_model
 from benchmarks.report import write_results
 from benchmarks.variants import VARIANTS
@@ -91,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m benchmarks.run``; with ``--cpu``, first re-executes itself
     with CPUID masked (every subprocess inherits the mask)."""
     args = parse_args(argv)
-    if args.cpu and os.environ.get(MASK_VARIABLE) != mask_spec(args.cpu):
+    if args.cpu and active_profile() != args.cpu:
         try:
             env = masked_env(args.cpu)
         except MaskUnavailable as error:

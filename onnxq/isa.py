@@ -82,7 +82,8 @@ def cpu_features() -> CpuFeatures:
     ``/proc/cpuinfo`` flags, else from numpy's run-time dispatch table."""
     cpuid = _cpuid()
     if cpuid is not None:
-        found = {name: _has(cpuid, bits) for name, bits in CPUID_FEATURES.items()}
+        limits = _subleaf_limits(cpuid)
+        found = {name: _has(cpuid, limits, bits) for name, bits in CPUID_FEATURES.items()}
     elif Path("/proc/cpuinfo").is_file():
         flags = set((cpuinfo_value("flags") or "").split())
         found = {name: bool(flags & names) for name, names in CPUINFO_FLAGS.items()}
@@ -101,14 +102,16 @@ def _numpy_flags() -> set[str]:
     return {name for name, present in features.items() if present}
 
 
-def _has(cpuid: Cpuid, bits: tuple[tuple[int, int, int, int], ...]) -> bool:
-    """Whether any of ``bits`` is set, for leaves and subleaves this CPU reports."""
+def _subleaf_limits(cpuid: Cpuid) -> dict[int, int]:
+    """Leaf -> the highest subleaf this CPU reports, for the leaves the features read."""
     max_leaf = cpuid(0, 0)[0]
-    max_subleaf = {7: cpuid(7, 0)[0]} if max_leaf >= 7 else {}
+    return {0: 0, 7: cpuid(7, 0)[0]} if max_leaf >= 7 else {0: 0}
+
+
+def _has(cpuid: Cpuid, limits: dict[int, int], bits: tuple[tuple[int, int, int, int], ...]) -> bool:
+    """Whether any of ``bits`` is set, for leaves and subleaves within ``limits``."""
     return any(
-        leaf <= max_leaf
-        and subleaf <= max_subleaf.get(leaf, 0)
-        and cpuid(leaf, subleaf)[reg] >> bit & 1
+        subleaf <= limits.get(leaf, -1) and cpuid(leaf, subleaf)[reg] >> bit & 1
         for leaf, subleaf, reg, bit in bits
     )
 

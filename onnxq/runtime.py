@@ -111,6 +111,7 @@ def make_session(
     optimization_level: OptimizationLevel | str = OptimizationLevel.ALL,
     optimized_model_path: PathLike | None = None,
     intra_op_threads: int | None = None,
+    exact_int8: bool = False,
 ) -> ort.InferenceSession:
     """An ``InferenceSession`` on ``provider`` (see the module rules; no silent fallback) for a
     path, a serialised model or a ``ModelProto`` (one over 2 GB through a temporary file with
@@ -118,6 +119,8 @@ def make_session(
 
     ``optimized_model_path`` makes ORT write the graph it will run (after its optimizations).
     ``intra_op_threads`` ``None`` keeps ORT's default (one thread per physical core).
+    ``exact_int8`` (``session.x64quantprecision``): exact u8 x s8 sums on x86 without VNNI too,
+    where ORT's default kernels saturate 8-bit weight pairs; for checks of a model, not a CPU.
     """
     chosen = check_provider(provider)
     level = OptimizationLevel(optimization_level)
@@ -130,6 +133,8 @@ def make_session(
         options.optimized_model_filepath = os.fspath(optimized_model_path)
     if intra_op_threads is not None:
         options.intra_op_num_threads = intra_op_threads
+    if exact_int8:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     providers = [chosen.ort_name]
     if chosen is not Provider.CPU:
         providers.append(Provider.CPU.ort_name)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 
@@ -125,3 +126,16 @@ def small_cnn(*, convs: int = 2, classes: int = 5, seed: int = 0) -> onnx.ModelP
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def cpuid_masked_env(profile: str) -> dict[str, str]:
+    """The environment of a process that sees ``profile``'s CPU (``benchmarks.cpu_mask``);
+    skips where this machine cannot mask CPUID or this process already runs masked."""
+    from benchmarks.cpu_mask import MaskUnavailable, active_profile, masked_env
+
+    if active_profile() is not None:
+        pytest.skip("this process already runs under a CPUID mask")
+    try:
+        return masked_env(profile)
+    except MaskUnavailable as error:
+        pytest.skip(str(error))

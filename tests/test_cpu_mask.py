@@ -5,21 +5,14 @@ handlers still get real faults, and the rules it hands the shim are the SDM's.""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
+from support import cpuid_masked_env
 
-from benchmarks.cpu_mask import (
-    FEATURE_BITS,
-    MASK_VARIABLE,
-    PROFILES,
-    MaskUnavailable,
-    mask_spec,
-    masked_env,
-)
+from benchmarks.cpu_mask import FEATURE_BITS, PROFILES, mask_spec
 from onnxq.isa import cpu_features
 
 SEEN_FEATURES = (
@@ -53,7 +46,7 @@ def test_avx512_no_vnni_profile_keeps_avx512():
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
 def test_a_masked_process_sees_the_profiles_cpu(profile):
-    env = _masked_env(profile)
+    env = cpuid_masked_env(profile)
     run = [sys.executable, "-c", SEEN_FEATURES]
     host, host_isa, no_mask = json.loads(
         subprocess.run(run, check=True, capture_output=True, text=True).stdout
@@ -73,19 +66,10 @@ def test_a_masked_process_sees_the_profiles_cpu(profile):
 def test_the_processs_own_segfault_handler_still_runs():
     """faulthandler (as pytest and Ray install) replaces SIGSEGV handlers: the mask keeps
     answering CPUID and hands the real fault on, so the traceback is printed."""
-    env = _masked_env("avx2")
+    env = cpuid_masked_env("avx2")
     crash = "import faulthandler, ctypes; faulthandler.enable(); ctypes.string_at(0)"
     done = subprocess.run(
         [sys.executable, "-c", crash], env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == -signal.SIGSEGV
     assert "Fatal Python error: Segmentation fault" in done.stderr
-
-
-def _masked_env(profile: str) -> dict[str, str]:
-    if MASK_VARIABLE in os.environ:
-        pytest.skip("this process already runs under a CPUID mask")
-    try:
-        return masked_env(profile)
-    except MaskUnavailable as error:
-        pytest.skip(str(error))

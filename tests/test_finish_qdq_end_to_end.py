@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
 from onnxq.cli import main
 from onnxq.inspect import inspect_model
+from onnxq.runtime import make_session
 
 torch = pytest.importorskip("torch")
 tq = pytest.importorskip("torch.ao.quantization")
@@ -165,10 +165,7 @@ def _invoke(*args):
 
 
 def _run(path: Path, x: np.ndarray) -> np.ndarray:
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.x64quantprecision", "1")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x})[0]
+    return make_session(path, exact_int8=True).run(None, {"input": x})[0]
 
 
 @pytest.mark.parametrize("scheme", ["per-channel", "per-tensor", "fx-per-channel"])

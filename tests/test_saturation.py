@@ -4,7 +4,6 @@ so this holds whatever CPU runs the test."""
 
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
@@ -20,9 +19,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from onnx import helper, numpy_helper
-from support import sqnr_db
+from support import cpuid_masked_env, sqnr_db
 
-from benchmarks.cpu_mask import MASK_VARIABLE, MaskUnavailable, masked_env
+from benchmarks.cpu_mask import unmasked_env
 from onnxq.config import QuantConfig
 from onnxq.isa import cpu_features
 from onnxq.model_io import save_model
@@ -154,20 +153,11 @@ def _run_on(
 def _qemu_haswell() -> tuple[list[str], dict]:
     if shutil.which("qemu-x86_64") is None or platform.machine() != "x86_64":
         pytest.skip("needs QEMU user-mode emulation (Debian: apt install qemu-user) on x86_64")
-    unmasked = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", MASK_VARIABLE)}
-    return ["qemu-x86_64", "-cpu", "Haswell"], unmasked
+    return ["qemu-x86_64", "-cpu", "Haswell"], unmasked_env()
 
 
 def _cpuid_masked(profile: str) -> Callable[[], tuple[list[str], dict]]:
-    def runner() -> tuple[list[str], dict]:
-        if MASK_VARIABLE in os.environ:
-            pytest.skip("this process already runs under a CPUID mask")
-        try:
-            return [], masked_env(profile)
-        except MaskUnavailable as error:
-            pytest.skip(str(error))
-
-    return runner
+    return lambda: ([], cpuid_masked_env(profile))
 
 
 @pytest.mark.parametrize(

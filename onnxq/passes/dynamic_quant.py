@@ -29,8 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibration.weight_ranges import weight_qparams_for
-from onnxq.config import QuantConfig, QuantType, WeightRange, WeightRounding
+from onnxq.config import QuantConfig, QuantType
 from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.naming import add_initializer
 from onnxq.passes.plan import (
@@ -39,7 +38,7 @@ from onnxq.passes.plan import (
     is_float32,
     node_label,
 )
-from onnxq.passes.weight_rounding import input_importance, round_weight
+from onnxq.passes.weight_rounding import layer_weight_qparams, round_weight, rounding_hessian
 from onnxq.qparams import QParams, quantize
 
 MS_DOMAIN = "com.microsoft"
@@ -103,7 +102,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         hessian = self._shared_hessian(weight)
         result = self._emit_matmul(graph, node, activation, weight, transposed=False)
         _take_over(graph, node, output, result)
-        gptq = hessian is not None and self.config.weight_rounding is WeightRounding.GPTQ
+        gptq = rounding_hessian(self.config, hessian) is not None
         return "int8 DynamicQuantizeMatMul" + (" (GPTQ rounding)" if gptq else "")
 
     def _shared_hessian(self, weight: ir.Value) -> np.ndarray | None:
@@ -126,9 +125,7 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
             hessian = None if transposed else self._shared_hessian(weight)
             axis = 1 if self.config.per_channel else None
             qp = self._weight_qparams(array, axis, anchor, hessian)
-            if self.config.weight_rounding is not WeightRounding.GPTQ:
-                hessian = None
-            levels = round_weight(anchor, array, qp, hessian)
+            levels = round_weight(anchor, array, qp, rounding_hessian(self.config, hessian))
             self._weights[key] = (
                 add_initializer(graph, f"{weight.name}_quantized", levels),
                 add_initializer(graph, f"{weight.name}_zero_point", qp.zero_point),
@@ -240,18 +237,15 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
         anchor: ir.Node | None = None,
         hessian: np.ndarray | None = None,
     ) -> QParams:
-        """Min-max or MSE qparams; MSE weighs errors by the input's ``E[x**2]`` when known."""
-        weighted = {}
-        mse = self.config.weight_range is WeightRange.MSE
-        if mse and anchor is not None and hessian is not None:
-            weighted = {"importance": input_importance(anchor, array, hessian)}
-        return weight_qparams_for(self.config.weight_range)(
+        return layer_weight_qparams(
+            self.config,
+            anchor,
             array,
-            QuantType.INT8,
+            hessian,
+            qtype=QuantType.INT8,
             axis=axis,
             symmetric=True,
             reduce_range=bool(self.config.reduce_range),
-            **weighted,
         )
 
 

@@ -25,13 +25,12 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibration.weight_ranges import weight_qparams_for
-from onnxq.config import QuantConfig, WeightRange, WeightRounding
+from onnxq.config import QuantConfig
 from onnxq.passes.naming import add_initializer
 from onnxq.passes.op_rules import OpRule, weight_axis
 from onnxq.passes.opset import default_opset
 from onnxq.passes.plan import QuantPlan, is_constant, is_float32
-from onnxq.passes.weight_rounding import input_importance, round_weight
+from onnxq.passes.weight_rounding import layer_weight_qparams, round_weight, rounding_hessian
 from onnxq.qparams import QParams, fit_weight_scale_to_bias, quantize_bias
 from onnxq.targets import BiasForm, get_target
 
@@ -237,34 +236,21 @@ class _Rewriter:
         axis = weight_axis(node, index, array.ndim) if per_channel else None
         symmetric = self.config.weight_type.signed
         hessian = self.hessians.get(node.name) if index == 1 else None
-        weighted = {}
-        if hessian is not None and self.config.weight_range is WeightRange.MSE:
-            weighted = {"importance": input_importance(node, array, hessian)}
-        weight_qparams = weight_qparams_for(self.config.weight_range)  # min-max or MSE
-        qp = self.given_weight_qparams.get((node.name, index)) or weight_qparams(
-            array,
-            self.config.weight_type,
-            axis=axis,
-            symmetric=symmetric,
-            reduce_range=self.reduce_range,
-            **weighted,
+        kw = {"symmetric": symmetric, "reduce_range": self.reduce_range}
+        qp = self.given_weight_qparams.get((node.name, index)) or layer_weight_qparams(
+            self.config, node, array, hessian, qtype=self.config.weight_type, axis=axis, **kw
         )
         if bias is not None:
             input_scale = self._input_scale(node)
             bias_array = bias.const_value.numpy()
             if qp.axis is not None and qp.scale.shape != bias_array.shape:
-                qp = weight_qparams(
-                    array,
-                    self.config.weight_type,
-                    axis=None,
-                    symmetric=symmetric,
-                    reduce_range=self.reduce_range,
+                qp = layer_weight_qparams(
+                    self.config, node, array, None, qtype=self.config.weight_type, axis=None, **kw
                 )
             limit = np.abs(bias_array).max() if qp.axis is None else np.abs(bias_array)
             scale = fit_weight_scale_to_bias(qp.scale, input_scale, np.asarray(limit))
             qp = replace(qp, scale=scale.reshape(qp.scale.shape))
-        if self.config.weight_rounding is not WeightRounding.GPTQ:
-            hessian = None
+        hessian = rounding_hessian(self.config, hessian)
         key = (weight.name, qp.axis, qp.scale.tobytes())
         if key not in self.weight_dq:
             memo = (node.name, weight.name, qp.scale.tobytes(), hessian is not None)

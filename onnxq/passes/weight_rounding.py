@@ -1,4 +1,5 @@
-"""Which weights get error-compensating rounding, and how their layout maps to GPTQ's rows.
+"""Which weights get error-compensating rounding, and how their layout maps to GPTQ's rows
+(also for MSE weight ranges, which weigh each weight by the diagonal of the same ``H``).
 
 GPTQ works on a matrix with one row per output channel and one column per input the row
 multiplies. Rules:
@@ -17,6 +18,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.hessian import InputLayout, conv_layout
+from onnxq.calibration.weight_ranges import weight_qparams_for
+from onnxq.config import QuantConfig, WeightRange, WeightRounding
 from onnxq.gptq import gptq_round
 from onnxq.qparams import QParams, quantize
 
@@ -57,6 +60,21 @@ def round_weight(
         group_qp = replace(row_qp, scale=row_qp.scale[part], zero_point=row_qp.zero_point[part])
         out[part] = gptq_round(rows[part], hessian[g], group_qp)
     return _from_rows(node, out, weight.shape)
+
+
+def layer_weight_qparams(
+    config: QuantConfig, node: ir.Node, weight: np.ndarray, hessian: np.ndarray | None, **kw
+) -> QParams:
+    """The config's min-max or MSE qparams of ``weight`` (``kw`` as ``weight_qparams``); MSE
+    weighs each weight's error by its input's ``E[x**2]`` where ``hessian`` is known."""
+    if hessian is not None and config.weight_range is WeightRange.MSE:
+        kw["importance"] = input_importance(node, weight, hessian)
+    return weight_qparams_for(config.weight_range)(weight, **kw)
+
+
+def rounding_hessian(config: QuantConfig, hessian: np.ndarray | None) -> np.ndarray | None:
+    """``hessian`` where the config rounds with GPTQ, else ``None`` (nearest rounding)."""
+    return hessian if config.weight_rounding is WeightRounding.GPTQ else None
 
 
 def input_importance(node: ir.Node, weight: np.ndarray, hessian: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.plan import plan_quantization
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import finish
+from onnxq.runtime import OptimizationLevel, make_session
 
 PathLike = str | os.PathLike[str]
 
@@ -108,7 +109,6 @@ def check_export(
     ``QATExportError`` when the RMS of the difference over all output elements exceeds
     ``tolerance_steps`` steps of ``range / 255`` (the resolution of an 8-bit tensor spanning
     the module's outputs; see the module docstring)."""
-    import onnxruntime as ort
     import torch
 
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -124,19 +124,9 @@ def check_export(
     span = max(float(e.max() - e.min()) for e in expected) if expected else 0.0
     bound = tolerance_steps * max(span, 1e-12) / 255.0
     errors, worst = [], []
-    for level in (
-        ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    ):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = level
-        options.log_severity_level = 3
-        # exact integer sums on x86 without VNNI too, where ORT's default kernels saturate
-        # 8-bit weight pairs: the check is of the model, not of this CPU
-        options.add_session_config_entry("session.x64quantprecision", "1")
-        session = ort.InferenceSession(
-            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
-        )
+    for level in (OptimizationLevel.DISABLED, OptimizationLevel.ALL):
+        # exact integer sums: the check is of the model, not of this CPU
+        session = make_session(proto, optimization_level=level, exact_int8=True)
         actual = session.run(list(qat_model.export_spec.output_names), feeds)
         diff = np.concatenate(
             [(a - e).reshape(-1) for a, e in zip(actual, expected, strict=True)]
@@ -145,7 +135,7 @@ def check_export(
         errors.append(error)
         worst.append(float(np.abs(diff).max()) if diff.size else 0.0)
         if error > bound:
-            kind = "fake-quant" if level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL else "fused"
+            kind = "fake-quant" if level is OptimizationLevel.DISABLED else "fused"
             raise QATExportError(
                 f"the exported model ({kind} in ONNX Runtime) differs from the QAT module by "
                 f"{error:.3g} RMS, over the {bound:.3g} allowed ({tolerance_steps} steps of "
