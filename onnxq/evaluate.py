@@ -10,7 +10,9 @@ fp32 model's output order; float outputs only):
 * max abs error over all float outputs;
 * top-1 = argmax over the classes of the first output, only where it is classifier-shaped
   (``[N, C]`` with ``C > 1``; a saliency map or an embedding has no top-1): agreement with
-  fp32's top-1, and accuracy against ``labels`` when given.
+  fp32's top-1, and accuracy against ``labels`` when given;
+* range coverage (``onnxq.coverage``): a note for each quantized model whose activations clip
+  more than 0.1% of the data's values, where calibration did not cover it.
 
 Speed and size (every model, fp32 included):
 
@@ -42,6 +44,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.readers import FeedSource, open_feeds
+from onnxq.coverage import CoverageCheck, coverage_note
 from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.memory import session_peak_memory
@@ -345,10 +348,12 @@ def compare(
     risks: list[tuple[str, str]] = []  # models whose int8 weights saturate without VNNI
     runtime = None if target is None else TargetRuntime(get_target(target), chosen)
     target_notes = [] if runtime is None else [runtime.note()]
+    coverage: list[CoverageCheck] = []
     for path in quantized_paths:
         proto = load_model(path)
         _check_same_interface(models[0], specs, path, proto)
         models.append(_describe(path, proto))
+        coverage.append(CoverageCheck(proto, threads=intra_op_threads))
         risk = saturation_risk(proto)
         if risk is not None:
             risks.append((models[-1].name, risk.describe()))
@@ -367,7 +372,7 @@ def compare(
 
     feeds = open_feeds(data, specs, batch_size=batch_size, max_samples=max_samples)
     samples, accuracies, first_feeds = _accuracy_pass(
-        models, feeds, specs, label_array, throughput_batch, on_batch
+        models, feeds, specs, label_array, throughput_batch, on_batch, coverage
     )
     if label_array is not None and max_samples is None and len(label_array) != samples:
         raise CalibrationDataError(
@@ -377,7 +382,11 @@ def compare(
 
     one, one_batch = _latency_feed(first_feeds, specs)
     many, many_batch = _throughput_feed(first_feeds, specs, throughput_batch)
-    notes = target_notes
+    notes = target_notes + [
+        note
+        for model, check in zip(models[1:], coverage, strict=True)
+        if (note := coverage_note(model.name, check.result())) is not None
+    ]
     if chosen is Provider.CUDA:
         notes.append(CUDA_NOTE)
     elif cpu_features().u8s8_saturates:
@@ -515,8 +524,10 @@ def _accuracy_pass(
     labels: np.ndarray | None,
     keep: int,
     on_batch: Callable[[int], None] | None,
+    coverage: Sequence[CoverageCheck] = (),
 ) -> tuple[int, list[AccuracyMetrics], list[Feed]]:
-    """One pass over the data: (samples, accuracy per model with fp32 first, first feeds).
+    """One pass over the data: (samples, accuracy per model with fp32 first, first feeds);
+    each of ``coverage`` sees every batch too.
 
     The first feeds (at least ``keep`` samples, where the data has them) are kept for timing.
     """
@@ -529,6 +540,8 @@ def _accuracy_pass(
         if samples < keep:
             first_feeds.append(feed)
         outputs = [_run(m, feed, index) for m in models]
+        for check in coverage:
+            check.update(index, feed)
         ref = [outputs[0][k] for k in ref_model.float_outputs]
         ref_pred = _predictions(outputs[0], ref_model)
         chunk = None if labels is None else _label_chunk(labels, samples, n, ref_pred)

@@ -1,0 +1,202 @@
+"""Range coverage: how much of some data falls outside each activation's quantization range.
+
+A ``QuantizeLinear`` with scale ``s``, zero point ``z`` and integer type ``[qmin, qmax]``
+represents ``[(qmin - z) s, (qmax - z) s]``; a value more than half a step beyond that is
+clipped. Calibration chooses the ranges and means to clip very little (``percentile`` 99.999
+clips 1e-5 of the calibration values per side). Where other data clips far more, the calibration
+data did not cover it (another region of the photos, other sentences, another sensor) and the
+accuracy lost there is the ranges', not the scheme's: calibrate on data like it.
+
+Any QDQ model (onnxq's or another tool's): every main-graph ``QuantizeLinear`` whose input is
+computed and whose scale and zero point are constants (per tensor or per axis) is checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.calibration.collect import ShardObserver
+from onnxq.calibration.readers import Feed
+
+NOTE_FRACTION = 1e-3  # clipped share worth a note: 50x what percentile 99.999 clips by design
+_INTEGER_TYPES = {
+    onnx.TensorProto.UINT8: np.uint8,
+    onnx.TensorProto.INT8: np.int8,
+    onnx.TensorProto.UINT16: np.uint16,
+    onnx.TensorProto.INT16: np.int16,
+}
+
+
+@dataclass(frozen=True)
+class TensorCoverage:
+    """One activation: its representable range, what the data spanned, how much was clipped."""
+
+    tensor: str
+    low: float
+    high: float
+    seen_min: float
+    seen_max: float
+    clipped: int
+    count: int
+
+    @property
+    def fraction(self) -> float:
+        """Share of the values seen that were clipped."""
+        return self.clipped / self.count if self.count else 0.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.tensor}: {self.fraction:.2%} of values clipped (range "
+            f"[{self.low:.4g}, {self.high:.4g}], data [{self.seen_min:.4g}, {self.seen_max:.4g}])"
+        )
+
+
+@dataclass(frozen=True)
+class QuantRange:
+    """What a ``QuantizeLinear`` represents, per tensor or per ``axis``: ``[low, high]`` in steps
+    of ``scale``."""
+
+    low: np.ndarray
+    high: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+
+    def bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
+        """The clip thresholds (half a step beyond the range), shaped to broadcast against a
+        tensor of rank ``ndim``."""
+        low, high = self.low - self.scale / 2, self.high + self.scale / 2
+        if self.axis is None:
+            return low.reshape(()), high.reshape(())
+        shape = [1] * ndim
+        shape[self.axis % ndim] = -1
+        return low.reshape(shape), high.reshape(shape)
+
+
+class CoverageObserver:
+    """Counts the values beyond a ``QuantRange`` and the data's min and max; merges by sum."""
+
+    def __init__(self, quant_range: QuantRange) -> None:
+        self.range = quant_range
+        self.clipped = 0
+        self.count = 0
+        self.min = np.inf
+        self.max = -np.inf
+
+    def update(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float32)
+        finite = np.isfinite(values)
+        if not finite.any():
+            return
+        low, high = self.range.bounds(values.ndim)
+        self.clipped += int((((values < low) | (values > high)) & finite).sum())
+        self.count += int(finite.sum())
+        self.min = min(self.min, float(values[finite].min()))
+        self.max = max(self.max, float(values[finite].max()))
+
+    def merge(self, other: CoverageObserver) -> None:
+        self.clipped += other.clipped
+        self.count += other.count
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
+
+def activation_ranges(model: onnx.ModelProto) -> dict[str, QuantRange]:
+    """Computed tensor -> the range its ``QuantizeLinear`` represents (the widest, where one
+    tensor has several), for every checkable node of the main graph."""
+    constants = {init.name: init for init in model.graph.initializer}
+    constants.update(
+        (node.output[0], attr.t)
+        for node in model.graph.node
+        if node.op_type == "Constant"
+        for attr in node.attribute
+        if attr.name == "value"
+    )
+    ranges: dict[str, QuantRange] = {}
+    for node in model.graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+            continue
+        quant_range = _quant_range(node, constants)
+        if quant_range is not None:
+            ranges.setdefault(node.input[0], quant_range)
+    return ranges
+
+
+def _quant_range(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> QuantRange | None:
+    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    if attrs.get("block_size") or len(node.input) < 2 or node.input[1] not in constants:
+        return None
+    scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
+    zero_name = node.input[2] if len(node.input) > 2 else ""
+    if zero_name and zero_name not in constants:
+        return None
+    if zero_name:
+        zero_proto = constants[zero_name]
+        zero, elem_type = numpy_helper.to_array(zero_proto).astype(np.float64), zero_proto.data_type
+    else:
+        zero, elem_type = np.zeros(1), attrs.get("output_dtype") or onnx.TensorProto.UINT8
+    if elem_type not in _INTEGER_TYPES:
+        return None
+    info = np.iinfo(_INTEGER_TYPES[elem_type])
+    low, high = (info.min - zero) * scale, (info.max - zero) * scale
+    axis = int(attrs.get("axis", 1)) if scale.size > 1 else None
+    return QuantRange(np.atleast_1d(low), np.atleast_1d(high), np.atleast_1d(scale), axis)
+
+
+class CoverageCheck:
+    """Range coverage of one QDQ model, fed one batch at a time (``compare`` runs it beside its
+    accuracy pass); runs the model's graph as written in ONNX Runtime CPU."""
+
+    def __init__(self, model: onnx.ModelProto, *, threads: int | None = None) -> None:
+        self.observers = {
+            name: CoverageObserver(quant_range)
+            for name, quant_range in activation_ranges(model).items()
+        }
+        self._shard = ShardObserver(
+            model, {name: [obs] for name, obs in self.observers.items()}, threads=threads
+        )
+
+    def update(self, index: int, feed: Feed) -> None:
+        if self.observers:
+            self._shard.observe(index, feed)
+
+    def result(self) -> list[TensorCoverage]:
+        """Every checked activation, the most clipped first."""
+        coverages = [
+            TensorCoverage(
+                name,
+                float(obs.range.low.min()),
+                float(obs.range.high.max()),
+                obs.min,
+                obs.max,
+                obs.clipped,
+                obs.count,
+            )
+            for name, obs in self.observers.items()
+            if obs.count
+        ]
+        return sorted(coverages, key=lambda c: c.fraction, reverse=True)
+
+
+def range_coverage(model: onnx.ModelProto, feeds: Iterable[Feed]) -> list[TensorCoverage]:
+    """Range coverage of ``model``'s activations over ``feeds``, the most clipped first."""
+    check = CoverageCheck(model)
+    for index, feed in enumerate(feeds):
+        check.update(index, feed)
+    return check.result()
+
+
+def coverage_note(name: str, coverages: Sequence[TensorCoverage]) -> str | None:
+    """One line where some activation clipped more than ``NOTE_FRACTION`` of the data, else
+    ``None``."""
+    over = [c for c in coverages if c.fraction > NOTE_FRACTION]
+    if not over:
+        return None
+    return (
+        f"{name}: the data exceeds the quantization ranges of {len(over)} of {len(coverages)} "
+        f"activations (most: {over[0].describe()}); the calibration data does not cover this "
+        "data: calibrate on data like it"
+    )
