@@ -6,7 +6,9 @@ calibrated on the same photo crops, four models run in OpenVINO's CPU plugin: fp
 ``--target openvino``, onnxq's default target (``ort-cpu``) and ONNX Runtime's
 ``quantize_static`` QDQ output (per-channel, u8 activations, s8 weights, after its
 ``quant_pre_process``). For each: how many weighted layers run u8/i8 in OpenVINO's runtime model,
-SQNR against fp32 (OpenVINO, f32) on evaluation crops, and batch-1 latency at a fixed thread
+SQNR against fp32 (OpenVINO, f32) on crops of the evaluation region and on other crops of the
+calibration region, the largest share of an activation's values clipped on the evaluation
+crops (``onnxq.coverage``), and batch-1 latency at a fixed thread
 count, interleaved, at two inference precisions: ``f32`` and the plugin's default (``bf16`` on
 CPUs with AMX, so there "fp32" means what a user gets without a hint).
 
@@ -53,6 +55,8 @@ class Row:
     integer: int = 0
     weighted: int = 0
     sqnr_db: float | None = None
+    sqnr_in_region_db: float | None = None
+    clipped: float | None = None
     latency_ms: dict[str, float] | None = None
     quantize_s: float | None = None
 
@@ -138,17 +142,34 @@ def _ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
     )
 
 
-def measure(rows: list[Row], images: np.ndarray, *, threads: int, rounds: int) -> None:
-    """Fill each row's int8 counts, SQNR and latencies (f32 and the plugin's default)."""
-    from onnxq.targets.openvino import run_model, runtime_precisions, time_models
+def measure(
+    rows: list[Row], images: np.ndarray, in_region: np.ndarray, *, threads: int, rounds: int
+) -> None:
+    """Fill each row's int8 counts, SQNR on ``images`` (the evaluation region) and on
+    ``in_region`` (other crops of the calibration region), the largest share of an activation's
+    values clipped on ``images``, and latencies (f32 and the plugin's default)."""
+    from onnxq.coverage import range_coverage
+    from onnxq.targets.openvino import run_model, runtime_precisions
 
-    reference = np.concatenate([run_model(rows[0].path, {"input": x[None]})[0] for x in images])
+    def outputs(path: Path, data: np.ndarray) -> np.ndarray:
+        return np.concatenate([run_model(path, {"input": x[None]})[0] for x in data])
+
+    reference, in_region_reference = outputs(rows[0].path, images), outputs(rows[0].path, in_region)
     for row in rows:
         report = runtime_precisions(row.path, inference_precision="f32")
         row.integer, row.weighted = len(report.integer_layers), len(report.weighted)
         if row.slug != "fp32":
-            out = np.concatenate([run_model(row.path, {"input": x[None]})[0] for x in images])
-            row.sqnr_db = _sqnr(reference, out)
+            row.sqnr_db = _sqnr(reference, outputs(row.path, images))
+            row.sqnr_in_region_db = _sqnr(in_region_reference, outputs(row.path, in_region))
+            coverage = range_coverage(onnx.load(row.path), ({"input": x[None]} for x in images))
+            row.clipped = coverage[0].fraction if coverage else 0.0
+    _time(rows, images, threads=threads, rounds=rounds)
+
+
+def _time(rows: list[Row], images: np.ndarray, *, threads: int, rounds: int) -> None:
+    from onnxq.targets.openvino import time_models
+
+    for row in rows:
         row.latency_ms = {}
     feed = {"input": images[:1]}
     for precision in ("f32", None):
@@ -194,6 +215,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
+    from calibration.images import EVAL_WIDTH
+
     isa = env["onednn_max_cpu_isa"]
     lines = [
         "# onnxq --target openvino, measured in OpenVINO",
@@ -203,8 +226,16 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         + (" (EMULATED with ONEDNN_MAX_CPU_ISA)" if isa != "native" else "")
         + (f"; CPUID masked to {env['cpu_mask']}" if env.get("cpu_mask") else "")
         + f"; {env['threads']} thread(s), batch 1, {env['rounds']} interleaved rounds x 5 runs, "
-        f"median; calibration on {env['calibration_images']} photo crops, SQNR vs fp32 on "
-        f"{EVAL_IMAGES} evaluation crops (OpenVINO, f32).",
+        f"median; calibration on {env['calibration_images']} photo crops, SQNR vs fp32 "
+        "(OpenVINO, f32).",
+        "",
+        f"SQNR columns: on {EVAL_IMAGES} crops of the evaluation region (the right "
+        f"{EVAL_WIDTH} columns of each photo, disjoint in pixels from calibration), and on "
+        f"{EVAL_IMAGES} other crops of the calibration region (same distribution, other "
+        "positions). 'clipped': the largest share of one activation's values beyond its "
+        "quantization range on the evaluation-region crops (`onnxq.coverage`): where it is "
+        "large, the calibration crops do not cover that region and the SQNR lost there is the "
+        "ranges', not the scheme's.",
         "",
         "Latency ratios are to fp32 at the same inference precision: `f32` (hint set) and "
         f"the plugin's default (`{env['default_inference_precision']}` here; bf16 on CPUs "
@@ -220,15 +251,16 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         lines += [
             f"## {name}",
             "",
-            "| variant | weighted layers u8/i8 | SQNR dB | f32 hint ms | vs fp32 "
-            "| default hint ms | vs fp32 | quantize s |",
-            "|---|---|---|---|---|---|---|---|",
+            "| variant | weighted layers u8/i8 | SQNR dB eval region | SQNR dB calib region "
+            "| clipped | f32 hint ms | vs fp32 | default hint ms | vs fp32 | quantize s |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lat = row.latency_ms
             lines.append(
                 f"| {row.label} | {row.integer} / {row.weighted} "
-                f"| {'-' if row.sqnr_db is None else f'{row.sqnr_db:.1f}'} "
+                f"| {_cell(row.sqnr_db, '{:.1f}')} | {_cell(row.sqnr_in_region_db, '{:.1f}')} "
+                f"| {_cell(row.clipped, '{:.2%}')} "
                 f"| {lat['f32']:.2f} | {lat['f32'] / base['f32']:.2f}x "
                 f"| {lat['default']:.2f} | {lat['default'] / base['default']:.2f}x "
                 f"| {'-' if row.quantize_s is None else f'{row.quantize_s:.1f}'} |"
@@ -237,13 +269,18 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cell(value: float | None, form: str) -> str:
+    return "-" if value is None else form.format(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.onednn_max_isa:
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.onednn_max_isa  # before OpenVINO loads
-    from calibration.images import eval_inputs, resnet_inputs
+    from calibration.images import eval_inputs, photo_crops, resnet_inputs
 
     calib, images = resnet_inputs(args.calib), eval_inputs(EVAL_IMAGES)
+    in_region = photo_crops("calib", EVAL_IMAGES, seed=1)
     results: dict[str, list[Row]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-ov-bench-") as tmp:
         folder = args.keep_models or Path(tmp)
@@ -252,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: export and quantize", file=sys.stderr)
             rows = quantize_variants(export(name, folder), calib)
             print(f"{name}: measure in OpenVINO", file=sys.stderr)
-            measure(rows, images, threads=args.threads, rounds=args.rounds)
+            measure(rows, images, in_region, threads=args.threads, rounds=args.rounds)
             results[{"resnet": "ResNet-18", "vit": "ViT-S/16"}[name]] = rows
     env = environment(args)
     suffix = f"-{args.onednn_max_isa}" if args.onednn_max_isa else ""

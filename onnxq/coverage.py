@@ -8,7 +8,9 @@ data did not cover it (another region of the photos, other sentences, another se
 accuracy lost there is the ranges', not the scheme's: calibrate on data like it.
 
 Any QDQ model (onnxq's or another tool's): every main-graph ``QuantizeLinear`` whose input is
-computed and whose scale and zero point are constants (per tensor or per axis) is checked.
+computed and whose scale and zero point are constants (per tensor or per axis) is checked. A
+range that starts at zero is a ReLU folded into the quantization (ONNX Runtime's quantizer
+drops a Conv's Relu that way): values below zero are clamped by design and not counted.
 """
 
 from __future__ import annotations
@@ -67,9 +69,10 @@ class QuantRange:
     axis: int | None
 
     def bounds(self, ndim: int) -> tuple[np.ndarray, np.ndarray]:
-        """The clip thresholds (half a step beyond the range), shaped to broadcast against a
-        tensor of rank ``ndim``."""
-        low, high = self.low - self.scale / 2, self.high + self.scale / 2
+        """The clip thresholds (half a step beyond the range; none below a range that starts
+        at zero), shaped to broadcast against a tensor of rank ``ndim``."""
+        low = np.where(self.low == 0, -np.inf, self.low - self.scale / 2)
+        high = self.high + self.scale / 2
         if self.axis is None:
             return low.reshape(()), high.reshape(())
         shape = [1] * ndim

@@ -80,3 +80,11 @@ def test_compare_names_activations_the_calibration_data_did_not_cover(
     assert "x: " in note  # the input itself, 4x wider than calibrated, is the most clipped
     fractions = {c.tensor: c.fraction for c in range_coverage(onnx.load(int8), [wider])}
     assert fractions["x"] > 0.1
+
+
+def test_a_range_from_zero_is_a_folded_relu() -> None:
+    # zero point 0 (u8): the range [0, 25.5] clamps negatives as the Relu it replaced did
+    model = onnx.parser.parse_model(PER_TENSOR.replace("uint8 {128}", "uint8 {0}"))
+    x = np.array([[-5.0, -0.1, 1.0, 25.5, 26.0]], dtype=np.float32)
+    (coverage,) = range_coverage(model, [{"x": x}])
+    assert (coverage.clipped, coverage.count) == (1, 5)  # only 26.0
