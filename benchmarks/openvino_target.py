@@ -2,20 +2,22 @@
 ``python -m benchmarks.openvino_target``.
 
 For a CNN (the zoo ResNet-18) and a transformer (ViT-S/16, ``models.vit``), both at 224x224 and
-calibrated on the same photo crops, four models run in OpenVINO's CPU plugin: fp32, onnxq
-``--target openvino``, onnxq's default target (``ort-cpu``) and ONNX Runtime's
-``quantize_static`` QDQ output (per-channel, u8 activations, s8 weights, after its
-``quant_pre_process``). For each: how many weighted layers run u8/i8 in OpenVINO's runtime model,
-SQNR against fp32 (OpenVINO, f32) on crops of the evaluation region and on other crops of the
-calibration region, the largest share of an activation's values clipped on the evaluation
-crops (``onnxq.coverage``), and batch-1 latency at a fixed thread
-count, interleaved, at two inference precisions: ``f32`` and the plugin's default (``bf16`` on
-CPUs with AMX, so there "fp32" means what a user gets without a hint).
+calibrated on the same photo crops, and a trained transformer (all-MiniLM-L6-v2, calibrated on
+and measured with sentences, as in ``benchmarks.run``), four models run in OpenVINO's CPU
+plugin: fp32, onnxq ``--target openvino``, onnxq's default target (``ort-cpu``) and ONNX
+Runtime's ``quantize_static`` QDQ output (per-channel, u8 activations, s8 weights, after its
+``quant_pre_process``). For each: how many weighted layers run u8/i8 in OpenVINO's runtime
+model, SQNR and mean cosine against fp32 (OpenVINO, f32) on held-out data (photos: crops of the
+evaluation region; SQNR on other crops of the calibration region too), the largest share of an
+activation's values clipped on the held-out data (``onnxq.coverage``), and batch-1 latency at
+a fixed thread count, interleaved, at two inference precisions: ``f32`` and the plugin's
+default (``bf16`` on CPUs with AMX, so there "fp32" means what a user gets without a hint).
 
-Options: ``--models resnet,vit``, ``--out benchmarks/results``, ``--threads 1``, ``--rounds 10``,
-``--calib 32``, ``--quick`` (8 calibration crops, 3 rounds: a smoke run), ``--onednn-max-isa
-ISA`` (sets ``ONEDNN_MAX_CPU_ISA`` before OpenVINO loads, e.g. ``AVX2``: an *emulation* of an
-older CPU, recorded as such; writes ``openvino-ISA.md``), ``--keep-models DIR``.
+Options: ``--models resnet,vit,minilm``, ``--out benchmarks/results``, ``--threads 1``,
+``--rounds 10``, ``--calib 32`` (photo crops), ``--quick`` (8 calibration crops, MiniLM's quick
+zoo sizes, 3 rounds: a smoke run), ``--onednn-max-isa ISA`` (sets ``ONEDNN_MAX_CPU_ISA`` before
+OpenVINO loads, e.g. ``AVX2``: an *emulation* of an older CPU, recorded as such; writes
+``openvino-ISA.md``), ``--keep-models DIR``.
 Writes ``openvino.md`` and ``openvino.json`` into ``--out``; progress goes to stderr.
 """
 
@@ -35,7 +37,9 @@ import numpy as np
 import onnx
 
 DEFAULT_OUT = Path("benchmarks/results")
-MODELS = ("resnet", "vit")
+MODELS = ("resnet", "vit", "minilm")
+TITLES = {"resnet": "ResNet-18", "vit": "ViT-S/16", "minilm": "all-MiniLM-L6-v2"}
+MINILM_EVAL = 100
 VARIANTS = (
     ("fp32", "fp32"),
     ("onnxq-openvino", "onnxq --target openvino"),
@@ -43,6 +47,18 @@ VARIANTS = (
     ("ort-static", "ORT quantize_static (QDQ, per-channel)"),
 )
 EVAL_IMAGES = 8
+Feeds = dict[str, np.ndarray]  # samples on axis 0
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model and its data: calibration, evaluation and (photos) other crops of the
+    calibration region."""
+
+    fp32: Path
+    calib: Feeds
+    evaluation: Feeds
+    in_region: Feeds | None = None
 
 
 @dataclass
@@ -56,6 +72,7 @@ class Row:
     weighted: int = 0
     sqnr_db: float | None = None
     sqnr_in_region_db: float | None = None
+    cosine: float | None = None
     clipped: float | None = None
     latency_ms: dict[str, float] | None = None
     quantize_s: float | None = None
@@ -81,8 +98,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def export(name: str, folder: Path) -> Path:
-    """The float model ``name`` exported (and checked against torch) into ``folder``."""
+def prepare_case(name: str, folder: Path, calib_images: int, *, quick: bool = False) -> Case:
+    """The float model ``name`` exported (and checked against torch) into ``folder``, with its
+    data."""
+    if name == "minilm":
+        from benchmarks.zoo import FULL, QUICK, load_feeds, prepare
+
+        zoo = prepare("minilm", folder / "minilm", (QUICK if quick else FULL)["minilm"])
+        evaluation = {k: v[:MINILM_EVAL] for k, v in load_feeds(zoo.eval).items()}
+        return Case(zoo.fp32, load_feeds(zoo.calib), evaluation)
+    from calibration.images import eval_inputs, photo_crops, resnet_inputs
     from models.resnet import resnet18_factory
     from models.vit import vit_s_factory
     from onnxq.export import export_torch
@@ -91,10 +116,15 @@ def export(name: str, folder: Path) -> Path:
     module, example = factory()
     path = folder / f"{name}.fp32.onnx"
     export_torch(module, example, path, input_names=["input"])
-    return path
+    return Case(
+        path,
+        {"input": resnet_inputs(calib_images)},
+        {"input": eval_inputs(EVAL_IMAGES)},
+        {"input": photo_crops("calib", EVAL_IMAGES, seed=1)},
+    )
 
 
-def quantize_variants(fp32: Path, calib: np.ndarray) -> list[Row]:
+def quantize_variants(fp32: Path, calib: Feeds) -> list[Row]:
     """fp32 and the three quantized variants of one model, written beside ``fp32``."""
     import onnxq
     from onnxq.config import QuantConfig
@@ -103,7 +133,7 @@ def quantize_variants(fp32: Path, calib: np.ndarray) -> list[Row]:
     for slug, target in (("onnxq-openvino", "openvino"), ("onnxq-default", "ort-cpu")):
         path = fp32.with_name(fp32.name.replace("fp32", slug))
         start = time.perf_counter()
-        onnx.save(onnxq.quantize(fp32, {"input": calib}, QuantConfig(target=target)), path)
+        onnx.save(onnxq.quantize(fp32, calib, QuantConfig(target=target)), path)
         rows.append(Row(slug, dict(VARIANTS)[slug], path, quantize_s=time.perf_counter() - start))
     path = fp32.with_name(fp32.name.replace("fp32", "ort-static"))
     start = time.perf_counter()
@@ -113,7 +143,7 @@ def quantize_variants(fp32: Path, calib: np.ndarray) -> list[Row]:
     return rows
 
 
-def _ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
+def _ort_quantize_static(fp32: Path, out: Path, calib: Feeds) -> None:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -122,15 +152,20 @@ def _ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from benchmarks.zoo import batches
+
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
-            self.feeds = iter({"input": calib[i : i + 1]} for i in range(len(calib)))
+            self.feeds = iter(batches(calib, 1))
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
     prepared = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(prepared))
+    try:
+        quant_pre_process(str(fp32), str(prepared))
+    except Exception:  # ORT's symbolic shape inference gives up on some graphs (MiniLM)
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
     quantize_static(
         str(prepared),
         str(out),
@@ -142,36 +177,40 @@ def _ort_quantize_static(fp32: Path, out: Path, calib: np.ndarray) -> None:
     )
 
 
-def measure(
-    rows: list[Row], images: np.ndarray, in_region: np.ndarray, *, threads: int, rounds: int
-) -> None:
-    """Fill each row's int8 counts, SQNR on ``images`` (the evaluation region) and on
-    ``in_region`` (other crops of the calibration region), the largest share of an activation's
-    values clipped on ``images``, and latencies (f32 and the plugin's default)."""
+def measure(rows: list[Row], case: Case, *, threads: int, rounds: int) -> None:
+    """Fill each row's int8 counts, SQNR and mean cosine on the evaluation data, SQNR on other
+    crops of the calibration region (photos), the largest share of an activation's values
+    clipped on the evaluation data, and latencies (f32 and the plugin's default)."""
+    from benchmarks.zoo import batches
     from onnxq.coverage import range_coverage
+    from onnxq.evaluate import cosine_per_sample
     from onnxq.targets.openvino import run_model, runtime_precisions
 
-    def outputs(path: Path, data: np.ndarray) -> np.ndarray:
-        return np.concatenate([run_model(path, {"input": x[None]})[0] for x in data])
+    def outputs(path: Path, data: Feeds) -> np.ndarray:
+        return np.concatenate([run_model(path, feed)[0] for feed in batches(data, 1)])
 
-    reference, in_region_reference = outputs(rows[0].path, images), outputs(rows[0].path, in_region)
+    reference = outputs(rows[0].path, case.evaluation)
+    in_region = None if case.in_region is None else outputs(rows[0].path, case.in_region)
     for row in rows:
         report = runtime_precisions(row.path, inference_precision="f32")
         row.integer, row.weighted = len(report.integer_layers), len(report.weighted)
-        if row.slug != "fp32":
-            row.sqnr_db = _sqnr(reference, outputs(row.path, images))
-            row.sqnr_in_region_db = _sqnr(in_region_reference, outputs(row.path, in_region))
-            coverage = range_coverage(onnx.load(row.path), ({"input": x[None]} for x in images))
-            row.clipped = coverage[0].fraction if coverage else 0.0
-    _time(rows, images, threads=threads, rounds=rounds)
+        if row.slug == "fp32":
+            continue
+        out = outputs(row.path, case.evaluation)
+        row.sqnr_db = _sqnr(reference, out)
+        row.cosine = float(cosine_per_sample(reference, out).mean())
+        if case.in_region is not None:
+            row.sqnr_in_region_db = _sqnr(in_region, outputs(row.path, case.in_region))
+        coverage = range_coverage(onnx.load(row.path), batches(case.evaluation, 1))
+        row.clipped = coverage[0].fraction if coverage else 0.0
+    _time(rows, batches(case.evaluation, 1)[0], threads=threads, rounds=rounds)
 
 
-def _time(rows: list[Row], images: np.ndarray, *, threads: int, rounds: int) -> None:
+def _time(rows: list[Row], feed: Feeds, *, threads: int, rounds: int) -> None:
     from onnxq.targets.openvino import time_models
 
     for row in rows:
         row.latency_ms = {}
-    feed = {"input": images[:1]}
     for precision in ("f32", None):
         latencies = time_models(
             [row.path for row in rows],
@@ -193,6 +232,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
     import openvino as ov
 
     from benchmarks.cpu_mask import active_mask
+    from benchmarks.zoo import FULL, QUICK
     from onnxq.isa import cpu_features
     from onnxq.runtime import cpu_model_name
 
@@ -210,6 +250,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "rounds": args.rounds,
         "calibration_images": args.calib,
+        "calibration_sentences": (QUICK if args.quick else FULL)["minilm"].calib,
         "python": platform.python_version(),
     }
 
@@ -226,16 +267,18 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         + (" (EMULATED with ONEDNN_MAX_CPU_ISA)" if isa != "native" else "")
         + (f"; CPUID masked to {env['cpu_mask']}" if env.get("cpu_mask") else "")
         + f"; {env['threads']} thread(s), batch 1, {env['rounds']} interleaved rounds x 5 runs, "
-        f"median; calibration on {env['calibration_images']} photo crops, SQNR vs fp32 "
-        "(OpenVINO, f32).",
+        f"median; accuracy vs fp32 in OpenVINO (f32).",
         "",
-        f"SQNR columns: on {EVAL_IMAGES} crops of the evaluation region (the right "
-        f"{EVAL_WIDTH} columns of each photo, disjoint in pixels from calibration), and on "
-        f"{EVAL_IMAGES} other crops of the calibration region (same distribution, other "
-        "positions). 'clipped': the largest share of one activation's values beyond its "
-        "quantization range on the evaluation-region crops (`onnxq.coverage`): where it is "
-        "large, the calibration crops do not cover that region and the SQNR lost there is the "
-        "ranges', not the scheme's.",
+        f"Photos (ResNet-18, ViT-S): calibration on {env['calibration_images']} crops; 'eval' "
+        f"is {EVAL_IMAGES} crops of the evaluation region (the right {EVAL_WIDTH} columns of "
+        f"each photo, disjoint in pixels from calibration), 'calib region' {EVAL_IMAGES} other "
+        "crops of the calibration region (same distribution, other positions). MiniLM: "
+        f"calibration on {env['calibration_sentences']} sentences, 'eval' is up to "
+        f"{MINILM_EVAL} held-out sentences (seq 64). "
+        "'cosine': mean per-sample cosine of the first output on 'eval'. 'clipped': the largest "
+        "share of one activation's values beyond its quantization range on 'eval' "
+        "(`onnxq.coverage`): where it is large, the calibration data does not cover the "
+        "evaluation data and the accuracy lost there is the ranges', not the scheme's.",
         "",
         "Latency ratios are to fp32 at the same inference precision: `f32` (hint set) and "
         f"the plugin's default (`{env['default_inference_precision']}` here; bf16 on CPUs "
@@ -251,16 +294,16 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         lines += [
             f"## {name}",
             "",
-            "| variant | weighted layers u8/i8 | SQNR dB eval region | SQNR dB calib region "
+            "| variant | weighted layers u8/i8 | SQNR dB eval | SQNR dB calib region | cosine "
             "| clipped | f32 hint ms | vs fp32 | default hint ms | vs fp32 | quantize s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in rows:
             lat = row.latency_ms
             lines.append(
                 f"| {row.label} | {row.integer} / {row.weighted} "
                 f"| {_cell(row.sqnr_db, '{:.1f}')} | {_cell(row.sqnr_in_region_db, '{:.1f}')} "
-                f"| {_cell(row.clipped, '{:.2%}')} "
+                f"| {_cell(row.cosine, '{:.4f}')} | {_cell(row.clipped, '{:.2%}')} "
                 f"| {lat['f32']:.2f} | {lat['f32'] / base['f32']:.2f}x "
                 f"| {lat['default']:.2f} | {lat['default'] / base['default']:.2f}x "
                 f"| {'-' if row.quantize_s is None else f'{row.quantize_s:.1f}'} |"
@@ -277,20 +320,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.onednn_max_isa:
         os.environ["ONEDNN_MAX_CPU_ISA"] = args.onednn_max_isa  # before OpenVINO loads
-    from calibration.images import eval_inputs, photo_crops, resnet_inputs
-
-    calib, images = resnet_inputs(args.calib), eval_inputs(EVAL_IMAGES)
-    in_region = photo_crops("calib", EVAL_IMAGES, seed=1)
     results: dict[str, list[Row]] = {}
     with tempfile.TemporaryDirectory(prefix="onnxq-ov-bench-") as tmp:
         folder = args.keep_models or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for name in args.models:
             print(f"{name}: export and quantize", file=sys.stderr)
-            rows = quantize_variants(export(name, folder), calib)
+            case = prepare_case(name, folder, args.calib, quick=args.quick)
+            rows = quantize_variants(case.fp32, case.calib)
             print(f"{name}: measure in OpenVINO", file=sys.stderr)
-            measure(rows, images, in_region, threads=args.threads, rounds=args.rounds)
-            results[{"resnet": "ResNet-18", "vit": "ViT-S/16"}[name]] = rows
+            measure(rows, case, threads=args.threads, rounds=args.rounds)
+            results[TITLES[name]] = rows
     env = environment(args)
     suffix = f"-{args.onednn_max_isa}" if args.onednn_max_isa else ""
     args.out.mkdir(parents=True, exist_ok=True)
