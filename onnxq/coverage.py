@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from onnxq.calibration.collect import ShardObserver
 from onnxq.calibration.readers import Feed
+from onnxq.errors import CalibrationDataError, InvalidModelError, first_line
 
 NOTE_FRACTION = 1e-3  # clipped share worth a note: 50x what percentile 99.999 clips by design
 _INTEGER_TYPES = {
@@ -108,8 +109,8 @@ class CoverageObserver:
 
 
 def activation_ranges(model: onnx.ModelProto) -> dict[str, QuantRange]:
-    """Computed tensor -> the range its ``QuantizeLinear`` represents (the widest, where one
-    tensor has several), for every checkable node of the main graph."""
+    """Computed tensor -> the range its first ``QuantizeLinear`` represents, for every
+    checkable node of the main graph."""
     constants = {init.name: init for init in model.graph.initializer}
     constants.update(
         (node.output[0], attr.t)
@@ -151,20 +152,30 @@ def _quant_range(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -
 
 class CoverageCheck:
     """Range coverage of one QDQ model, fed one batch at a time (``compare`` runs it beside its
-    accuracy pass); runs the model's graph as written in ONNX Runtime CPU."""
+    accuracy pass); runs the model's graph as written in ONNX Runtime CPU. A model that ONNX
+    Runtime cannot run that way is left unchecked (``failure`` says why), never an error."""
 
     def __init__(self, model: onnx.ModelProto, *, threads: int | None = None) -> None:
         self.observers = {
             name: CoverageObserver(quant_range)
             for name, quant_range in activation_ranges(model).items()
         }
-        self._shard = ShardObserver(
-            model, {name: [obs] for name, obs in self.observers.items()}, threads=threads
-        )
+        self.failure: str | None = None
+        self._shard: ShardObserver | None = None
+        try:
+            self._shard = ShardObserver(
+                model, {name: [obs] for name, obs in self.observers.items()}, threads=threads
+            )
+        except InvalidModelError as exc:
+            self.failure = first_line(exc)
 
     def update(self, index: int, feed: Feed) -> None:
-        if self.observers:
+        if self._shard is None or not self.observers:
+            return
+        try:
             self._shard.observe(index, feed)
+        except CalibrationDataError as exc:
+            self.failure, self._shard = str(exc), None
 
     def result(self) -> list[TensorCoverage]:
         """Every checked activation, the most clipped first."""
@@ -179,16 +190,25 @@ class CoverageCheck:
                 obs.count,
             )
             for name, obs in self.observers.items()
-            if obs.count
+            if obs.count and self.failure is None
         ]
         return sorted(coverages, key=lambda c: c.fraction, reverse=True)
 
+    def note(self, name: str) -> str | None:
+        """``coverage_note`` for model ``name``, or why its coverage was not measured."""
+        if self.failure is not None:
+            return f"{name}: range coverage not measured ({self.failure})"
+        return coverage_note(name, self.result())
+
 
 def range_coverage(model: onnx.ModelProto, feeds: Iterable[Feed]) -> list[TensorCoverage]:
-    """Range coverage of ``model``'s activations over ``feeds``, the most clipped first."""
+    """Range coverage of ``model``'s activations over ``feeds``, the most clipped first
+    (``CalibrationDataError`` where ONNX Runtime cannot run the graph as written)."""
     check = CoverageCheck(model)
     for index, feed in enumerate(feeds):
         check.update(index, feed)
+    if check.failure is not None:
+        raise CalibrationDataError(f"range coverage not measured: {check.failure}")
     return check.result()
 
 

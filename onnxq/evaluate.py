@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibration.readers import FeedSource, open_feeds
-from onnxq.coverage import CoverageCheck, coverage_note
+from onnxq.coverage import CoverageCheck
 from onnxq.errors import CalibrationDataError, ConfigError, InvalidModelError, first_line
 from onnxq.isa import cpu_features
 from onnxq.memory import session_peak_memory
@@ -385,7 +385,7 @@ def compare(
     notes = target_notes + [
         note
         for model, check in zip(models[1:], coverage, strict=True)
-        if (note := coverage_note(model.name, check.result())) is not None
+        if (note := check.note(model.name)) is not None
     ]
     if chosen is Provider.CUDA:
         notes.append(CUDA_NOTE)

@@ -9,7 +9,14 @@ import onnx
 import onnx.parser
 import pytest
 
-from onnxq.coverage import NOTE_FRACTION, activation_ranges, coverage_note, range_coverage
+from onnxq.coverage import (
+    NOTE_FRACTION,
+    CoverageCheck,
+    activation_ranges,
+    coverage_note,
+    range_coverage,
+)
+from onnxq.errors import CalibrationDataError
 from onnxq.evaluate import compare
 from onnxq.pipeline import quantize
 
@@ -88,3 +95,27 @@ def test_a_range_from_zero_is_a_folded_relu() -> None:
     x = np.array([[-5.0, -0.1, 1.0, 25.5, 26.0]], dtype=np.float32)
     (coverage,) = range_coverage(model, [{"x": x}])
     assert (coverage.clipped, coverage.count) == (1, 5)  # only 26.0
+
+
+def test_a_graph_onnx_runtime_cannot_run_as_written_is_left_unchecked() -> None:
+    # a float16 activation: the augmented graph declares it float32 and ONNX Runtime refuses
+    scale = onnx.numpy_helper.from_array(np.array(0.1, np.float16), "s")
+    zero = onnx.numpy_helper.from_array(np.array(128, np.uint8), "z")
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["r"]),
+            onnx.helper.make_node("QuantizeLinear", ["r", "s", "z"], ["q"]),
+            onnx.helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "half",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT16, ["N", 5])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT16, ["N", 5])],
+        [scale, zero],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 19)])
+    check = CoverageCheck(model)
+    check.update(0, {"x": np.ones((2, 5), np.float16)})
+    assert check.failure is not None and check.result() == []
+    assert check.note("half").startswith("half: range coverage not measured (")
+    with pytest.raises(CalibrationDataError, match="range coverage not measured"):
+        range_coverage(model, [{"x": np.ones((2, 5), np.float16)}])
