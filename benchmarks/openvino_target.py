@@ -24,6 +24,7 @@ Writes ``openvino.md`` and ``openvino.json`` into ``--out``; progress goes to st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -161,20 +162,22 @@ def _ort_quantize_static(fp32: Path, out: Path, calib: Feeds) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
+    fp32, out = fp32.resolve(), out.resolve()
     prepared = out.with_suffix(".pre.onnx")
-    try:
-        quant_pre_process(str(fp32), str(prepared))
-    except Exception:  # ORT's symbolic shape inference gives up on some graphs (MiniLM)
-        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-    quantize_static(
-        str(prepared),
-        str(out),
-        Reader(),
-        quant_format=QuantFormat.QDQ,
-        per_channel=True,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-    )
+    with contextlib.chdir(out.parent):  # ORT's quantizers leave side files in the cwd
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+        except Exception:  # ORT's symbolic shape inference gives up on some graphs (MiniLM)
+            quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
 
 
 def measure(rows: list[Row], case: Case, *, threads: int, rounds: int) -> None:
