@@ -186,27 +186,30 @@ def measure(rows: list[Row], case: Case, *, threads: int, rounds: int) -> None:
     clipped on the evaluation data, and latencies (f32 and the plugin's default)."""
     from benchmarks.zoo import batches
     from onnxq.coverage import range_coverage
-    from onnxq.evaluate import cosine_per_sample
+    from onnxq.evaluate import cosine_per_sample, sqnr_db
     from onnxq.targets.openvino import run_model, runtime_precisions
 
-    def outputs(path: Path, data: Feeds) -> np.ndarray:
-        return np.concatenate([run_model(path, feed)[0] for feed in batches(data, 1)])
+    evaluation = batches(case.evaluation, 1)
+    in_region = None if case.in_region is None else batches(case.in_region, 1)
 
-    reference = outputs(rows[0].path, case.evaluation)
-    in_region = None if case.in_region is None else outputs(rows[0].path, case.in_region)
+    def outputs(path: Path, feeds: list[Feeds]) -> np.ndarray:
+        return np.concatenate([run_model(path, feed)[0] for feed in feeds])
+
+    reference = outputs(rows[0].path, evaluation)
+    in_region_reference = None if in_region is None else outputs(rows[0].path, in_region)
     for row in rows:
         report = runtime_precisions(row.path, inference_precision="f32")
         row.integer, row.weighted = len(report.integer_layers), len(report.weighted)
         if row.slug == "fp32":
             continue
-        out = outputs(row.path, case.evaluation)
-        row.sqnr_db = _sqnr(reference, out)
+        out = outputs(row.path, evaluation)
+        row.sqnr_db = sqnr_db(reference, out)
         row.cosine = float(cosine_per_sample(reference, out).mean())
-        if case.in_region is not None:
-            row.sqnr_in_region_db = _sqnr(in_region, outputs(row.path, case.in_region))
-        coverage = range_coverage(onnx.load(row.path), batches(case.evaluation, 1))
+        if in_region is not None:
+            row.sqnr_in_region_db = sqnr_db(in_region_reference, outputs(row.path, in_region))
+        coverage = range_coverage(onnx.load(row.path), evaluation)
         row.clipped = coverage[0].fraction if coverage else 0.0
-    _time(rows, batches(case.evaluation, 1)[0], threads=threads, rounds=rounds)
+    _time(rows, evaluation[0], threads=threads, rounds=rounds)
 
 
 def _time(rows: list[Row], feed: Feeds, *, threads: int, rounds: int) -> None:
@@ -225,10 +228,6 @@ def _time(rows: list[Row], feed: Feeds, *, threads: int, rounds: int) -> None:
         )
         for row, latency in zip(rows, latencies, strict=True):
             row.latency_ms[precision or "default"] = latency.median_ms
-
-
-def _sqnr(reference: np.ndarray, approx: np.ndarray) -> float:
-    return float(20 * np.log10(np.linalg.norm(reference) / np.linalg.norm(reference - approx)))
 
 
 def environment(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,19 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from onnxq.calibration.collect import ShardObserver
+from onnxq.calibration.observers import MinMaxObserver
 from onnxq.calibration.readers import Feed
 from onnxq.errors import CalibrationDataError, InvalidModelError, first_line
+from onnxq.targets.check import QdqGraph
 
 NOTE_FRACTION = 1e-3  # clipped share worth a note: 50x what percentile 99.999 clips by design
-_INTEGER_TYPES = {
-    onnx.TensorProto.UINT8: np.uint8,
-    onnx.TensorProto.INT8: np.int8,
-    onnx.TensorProto.UINT16: np.uint16,
-    onnx.TensorProto.INT16: np.int16,
-}
 
 
 @dataclass(frozen=True)
@@ -82,72 +77,58 @@ class QuantRange:
 
 
 class CoverageObserver:
-    """Counts the values beyond a ``QuantRange`` and the data's min and max; merges by sum."""
+    """Counts the finite values beyond a ``QuantRange``; ``seen`` keeps their min, max and
+    count. Merges by sum."""
 
     def __init__(self, quant_range: QuantRange) -> None:
         self.range = quant_range
+        self.seen = MinMaxObserver()
         self.clipped = 0
-        self.count = 0
-        self.min = np.inf
-        self.max = -np.inf
 
     def update(self, values: np.ndarray) -> None:
         values = np.asarray(values, dtype=np.float32)
-        finite = np.isfinite(values)
-        if not finite.any():
-            return
+        self.seen.update(values)
         low, high = self.range.bounds(values.ndim)
-        self.clipped += int((((values < low) | (values > high)) & finite).sum())
-        self.count += int(finite.sum())
-        self.min = min(self.min, float(values[finite].min()))
-        self.max = max(self.max, float(values[finite].max()))
+        beyond = ((values < low) | (values > high)) & np.isfinite(values)
+        self.clipped += int(np.count_nonzero(beyond))
 
     def merge(self, other: CoverageObserver) -> None:
+        self.seen.merge(other.seen)
         self.clipped += other.clipped
-        self.count += other.count
-        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
 
 
 def activation_ranges(model: onnx.ModelProto) -> dict[str, QuantRange]:
     """Computed tensor -> the range its first ``QuantizeLinear`` represents, for every
     checkable node of the main graph."""
-    constants = {init.name: init for init in model.graph.initializer}
-    constants.update(
-        (node.output[0], attr.t)
-        for node in model.graph.node
-        if node.op_type == "Constant"
-        for attr in node.attribute
-        if attr.name == "value"
-    )
+    graph = QdqGraph(model)
     ranges: dict[str, QuantRange] = {}
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear" or node.input[0] in constants:
+        if node.op_type != "QuantizeLinear" or node.input[0] in graph.constants:
             continue
-        quant_range = _quant_range(node, constants)
+        quant_range = _quant_range(node, graph)
         if quant_range is not None:
             ranges.setdefault(node.input[0], quant_range)
     return ranges
 
 
-def _quant_range(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto]) -> QuantRange | None:
+def _quant_range(node: onnx.NodeProto, graph: QdqGraph) -> QuantRange | None:
+    """The node's range where its scale and zero point are constants (no blocked ones)."""
     attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
-    if attrs.get("block_size") or len(node.input) < 2 or node.input[1] not in constants:
+    scale = graph.array(node.input[1]) if len(node.input) > 1 else None
+    has_zero = len(node.input) > 2 and bool(node.input[2])
+    zero = graph.array(node.input[2]) if has_zero else np.zeros(1)
+    qtype = graph.qdq_type(node)
+    if attrs.get("block_size") or scale is None or zero is None or qtype is None:
         return None
-    scale = numpy_helper.to_array(constants[node.input[1]]).astype(np.float64)
-    zero_name = node.input[2] if len(node.input) > 2 else ""
-    if zero_name and zero_name not in constants:
-        return None
-    if zero_name:
-        zero_proto = constants[zero_name]
-        zero, elem_type = numpy_helper.to_array(zero_proto).astype(np.float64), zero_proto.data_type
-    else:
-        zero, elem_type = np.zeros(1), attrs.get("output_dtype") or onnx.TensorProto.UINT8
-    if elem_type not in _INTEGER_TYPES:
-        return None
-    info = np.iinfo(_INTEGER_TYPES[elem_type])
-    low, high = (info.min - zero) * scale, (info.max - zero) * scale
+    qmin, qmax = qtype.bounds
+    scale, zero = scale.astype(np.float64), zero.astype(np.float64)
     axis = int(attrs.get("axis", 1)) if scale.size > 1 else None
-    return QuantRange(np.atleast_1d(low), np.atleast_1d(high), np.atleast_1d(scale), axis)
+    return QuantRange(
+        np.atleast_1d((qmin - zero) * scale),
+        np.atleast_1d((qmax - zero) * scale),
+        np.atleast_1d(scale),
+        axis,
+    )
 
 
 class CoverageCheck:
@@ -184,13 +165,13 @@ class CoverageCheck:
                 name,
                 float(obs.range.low.min()),
                 float(obs.range.high.max()),
-                obs.min,
-                obs.max,
+                obs.seen.min,
+                obs.seen.max,
                 obs.clipped,
-                obs.count,
+                obs.seen.count,
             )
             for name, obs in self.observers.items()
-            if obs.count and self.failure is None
+            if obs.seen.count and self.failure is None
         ]
         return sorted(coverages, key=lambda c: c.fraction, reverse=True)
 

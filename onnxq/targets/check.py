@@ -96,8 +96,9 @@ class CheckReport:
         }
 
 
-class _Graph:
-    """Producers, consumers and constants of a main graph, by tensor name."""
+class QdqGraph:
+    """Producers, consumers and constants of a main graph, by tensor name, and the integer
+    types of its Q/DQ nodes."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
@@ -158,16 +159,16 @@ class _Graph:
         return dq if dq is not None and not self.is_constant_dq(dq) else None
 
 
-Rule = Callable[[_Graph, Target], Iterator[tuple[onnx.NodeProto, str]]]
+Rule = Callable[[QdqGraph, Target], Iterator[tuple[onnx.NodeProto, str]]]
 
 
-def _forbidden_op(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _forbidden_op(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         if node.op_type in target.forbidden_ops:
             yield node, f"{target.runtime} takes Q/DQ around float ops, not {node.op_type}"
 
 
-def _activation_qdq(g: _Graph) -> Iterator[onnx.NodeProto]:
+def _activation_qdq(g: QdqGraph) -> Iterator[onnx.NodeProto]:
     """Q/DQ nodes of activations (not of constant weights or biases)."""
     for node in g.graph.node:
         is_qdq = node.op_type in Q_OPS or node.op_type in DQ_OPS
@@ -175,7 +176,7 @@ def _activation_qdq(g: _Graph) -> Iterator[onnx.NodeProto]:
             yield node
 
 
-def _activation_type(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _activation_type(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in _activation_qdq(g):
         qtype = g.qdq_type(node)
         if qtype is not target.activation_type:
@@ -183,14 +184,14 @@ def _activation_type(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto
             yield node, f"activation is {shown}, {target.name} runs {target.activation_type.value}"
 
 
-def _activation_zero_point(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _activation_zero_point(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in _activation_qdq(g):
         zero_point = g.array(node.input[2]) if len(node.input) > 2 else None
         if zero_point is not None and np.any(zero_point != 0):
             yield node, f"activation zero point {zero_point.ravel()[:4].tolist()} is not 0"
 
 
-def _weights(g: _Graph) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray]]:
+def _weights(g: QdqGraph) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, np.ndarray]]:
     """``(op, weight DQ, integer weight)`` of every weighted op with a quantized weight."""
     for node in g.graph.node:
         dq = g.weight_dq(node)
@@ -198,7 +199,7 @@ def _weights(g: _Graph) -> Iterator[tuple[onnx.NodeProto, onnx.NodeProto, np.nda
             yield node, dq, g.array(dq.input[0])
 
 
-def _weight_type(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _weight_type(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node, dq, levels in _weights(g):
         qtype = g.qdq_type(dq)
         if qtype is not target.weight_type:
@@ -213,7 +214,7 @@ def _weight_type(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, st
             yield node, f"weight uses {qtype.bounds[0]}; symmetric range is +-{qtype.bounds[1]}"
 
 
-def _weight_bits(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _weight_bits(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node, _, levels in _weights(g):
         peak = int(np.abs(levels.astype(np.int32)).max()) if levels.size else 0
         if levels.dtype == np.int8 and peak > 64:
@@ -226,7 +227,7 @@ def _weight_bits(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, st
             )
 
 
-def _per_channel_axis(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _per_channel_axis(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node, dq, levels in _weights(g):
         scale = g.array(dq.input[1])
         if scale is None or scale.size <= 1:
@@ -240,7 +241,7 @@ def _per_channel_axis(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProt
             yield node, f"per-channel axis {axis}, the output channels are axis {expected}"
 
 
-def _half_quantized(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _half_quantized(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         if node.op_type not in WEIGHTED_OPS or node.op_type not in WEIGHT_INPUT:
             continue
@@ -251,7 +252,7 @@ def _half_quantized(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto,
             yield node, "activation is quantized but the weight is float"
 
 
-def _bias(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _bias(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         index = BIAS_INPUT.get(node.op_type)
         if index is None or len(node.input) <= index or not node.input[index]:
@@ -274,7 +275,7 @@ def _bias(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
             yield node, "bias scale is not input_scale * weight_scale"
 
 
-def _residual_add(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _residual_add(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         if node.op_type != "Add" or len(node.input) != 2:
             continue
@@ -291,7 +292,7 @@ def _residual_add(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, s
             yield node, f"input {floating!r} is float while the other is quantized"
 
 
-def _opset(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _opset(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     if g.opset < target.min_opset:
         placeholder = onnx.helper.make_node("Identity", [], [], name="<model>")
         yield placeholder, f"opset {g.opset} < {target.min_opset}, which {target.name} needs"
@@ -304,7 +305,7 @@ def _opset(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
                 yield node, f"{qtype.value} Q/DQ in the default domain need opset 21"
 
 
-def _control_flow(g: _Graph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
+def _control_flow(g: QdqGraph, target: Target) -> Iterator[tuple[onnx.NodeProto, str]]:
     for node in g.graph.node:
         if node.op_type in CONTROL_FLOW:
             yield node, f"{target.runtime} runs no control flow ({node.op_type})"
@@ -332,7 +333,7 @@ def check_model(
     """Every violation of ``target``'s rules in ``model`` (a path or a proto)."""
     target = get_target(target)
     proto = model_proto(model)
-    graph = _Graph(proto)
+    graph = QdqGraph(proto)
     applied = tuple(name for name, (_, applies) in RULES.items() if applies(target))
     violations = [
         Violation(
@@ -376,6 +377,6 @@ def _output_axis(node: onnx.NodeProto, rank: int) -> int | None:
     return None
 
 
-def _has_constant_weight(g: _Graph, node: onnx.NodeProto) -> bool:
+def _has_constant_weight(g: QdqGraph, node: onnx.NodeProto) -> bool:
     index = WEIGHT_INPUT[node.op_type]
     return len(node.input) > index and node.input[index] in g.constants
