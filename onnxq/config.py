@@ -114,6 +114,9 @@ class QuantConfig:
         quantize_activation_matmuls: static mode quantizes MatMuls of two activations
             (attention scores and context) on their own, not only inside an int8 region.
             Off by default: at short sequences they cost more in Q/DQ than int8 saves.
+        merge_matmuls: weight MatMuls reading one input (query/key/value) become one MatMul
+            and a Split, where weights are per channel (exact there): one int8 GEMM instead
+            of several (``onnxq.passes.merge_matmuls``).
         smooth: SmoothQuant on the inputs of weight MatMuls. Static mode smooths from the
             calibration data; dynamic mode from the calibration data when given, else (token
             models) from random token sequences.
@@ -145,6 +148,7 @@ class QuantConfig:
     weight_range: WeightRange = WeightRange.MINMAX
     quantize_outputs: bool = False
     quantize_activation_matmuls: bool = False
+    merge_matmuls: bool = True
     quantize_embeddings: bool = True
     smooth: bool = True
     smooth_alpha: float | None = None

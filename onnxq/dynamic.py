@@ -24,6 +24,7 @@ from onnxq.evaluate import sqnr_db
 from onnxq.ir_io import from_proto, to_proto
 from onnxq.model_io import input_specs, model_bytes, model_proto
 from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.merge_matmuls import merge_matmuls, merged_note
 from onnxq.passes.plan import NodeDecision, QuantPlan, plan_quantization, subgraph_decisions
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.pipeline import (
@@ -69,9 +70,14 @@ def quantize_dynamic_with_report(
     config, reduce_reason = resolve_config(config, QuantMode.DYNAMIC)
     proto = model_proto(model)
     refuse_quantized(proto)
-    plain_model, prepared, notes = prepare_float(proto, config)  # no data: nothing smoothed
+    # no data: nothing smoothed; merged after smoothing, which folds through value MatMuls
+    plain_model, prepared, notes = prepare_float(proto, config, merge=False)
     smoothed_model, smoothing_data, smooth_notes = _smooth(prepared, config, calibration_data)
     notes += smooth_notes
+    if smoothed_model is not None:
+        merge_matmuls(smoothed_model, config)
+    if merged := merge_matmuls(plain_model, config):
+        notes.append(merged_note(merged))
     if smoothed_model is None:
         out, decisions = _quantize(plain_model, config, calibration_data)
     else:  # the plain candidate records what it is: no smoothing

@@ -33,6 +33,7 @@ from onnxq.passes.dynamic_quant import quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
 from onnxq.passes.insert_qdq import insert_qdq
+from onnxq.passes.merge_matmuls import merge_matmuls, merged_note
 from onnxq.passes.plan import NodeDecision, QuantPlan, non_tensor_note, plan_quantization
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
@@ -282,19 +283,25 @@ def prepare_float(
     calibration_data: Any = None,
     *,
     min_opset: int | None = None,
+    merge: bool = True,
 ) -> tuple[ir.Model, onnx.ModelProto, list[str]]:
     """The clean float graph (``prepare``, then SmoothQuant when the config asks and data is
-    given) as an IR model and as a proto, and notes for the report. The opset is raised to the
-    target's ``min_opset``, or to ``min_opset`` where that is higher (a mode's need)."""
+    given, then with ``merge`` the weight MatMuls of one input merged) as an IR model and as a
+    proto, and notes for the report. The opset is raised to the target's ``min_opset``, or to
+    ``min_opset`` where that is higher (a mode's need)."""
     opset = max(get_target(config.target).min_opset, min_opset or 0)
     float_model = prepare(from_proto(proto), min_opset=opset)
     float_proto = to_proto(float_model)
     notes = non_tensor_note(float_model)
+    changed = False
     if config.smooth and calibration_data is not None:
         changed, smooth_notes = smooth_from_data(float_model, float_proto, calibration_data, config)
         notes += smooth_notes
-        if changed:
-            float_proto = to_proto(float_model)
+    if merge and (merged := merge_matmuls(float_model, config)):
+        changed = True
+        notes.append(merged_note(merged))
+    if changed:
+        float_proto = to_proto(float_model)
     return float_model, float_proto, notes
 
 

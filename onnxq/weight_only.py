@@ -84,7 +84,9 @@ def quantize_weight_only_with_report(
     proto = model_proto(model)
     refuse_quantized(proto)
     try:
-        float_model, float_proto, _ = prepare_float(proto, config, min_opset=WEIGHT_ONLY_OPSET)
+        float_model, float_proto, _ = prepare_float(
+            proto, config, min_opset=WEIGHT_ONLY_OPSET, merge=False
+        )
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(
             f"weight-only mode writes blocked DequantizeLinear, which needs opset "

@@ -22,13 +22,14 @@ PLAN_FILTERS = (
     "exclude_nodes",
     "quantize_outputs",
     "quantize_activation_matmuls",
+    "merge_matmuls",
 )
 
 
 def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
     """``--op-types``, ``--exclude-op-types``, ``--exclude-nodes``, ``--quantize-outputs``,
-    ``--quantize-activation-matmuls``, handed to ``command`` as one ``plan`` dict of
-    ``QuantConfig`` fields."""
+    ``--quantize-activation-matmuls``, ``--no-merge-matmuls``, handed to ``command`` as one
+    ``plan`` dict of ``QuantConfig`` fields."""
 
     @functools.wraps(command)
     def with_plan(**kwargs: Any) -> Any:
@@ -51,6 +52,13 @@ def plan_filters(command: Callable[..., Any]) -> Callable[..., Any]:
                 "--quantize-activation-matmuls",
                 is_flag=True,
                 help="Static: also quantize MatMuls of two activations (attention) on their own.",
+            ),
+            click.option(
+                "--merge-matmuls/--no-merge-matmuls",
+                default=True,
+                show_default=True,
+                help="Merge the weight MatMuls reading one input (query/key/value) into one "
+                "MatMul and a Split where weights are per channel (exact): one int8 GEMM.",
             ),
         ]
     ):
