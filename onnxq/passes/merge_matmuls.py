@@ -95,13 +95,13 @@ def merge_matmuls(model: ir.Model, config: QuantConfig) -> list[str]:
 
 def _member(node: ir.Node) -> Member:
     """Rule 2: the MatMul with its bias Add, where one alone reads its output."""
-    readers = [use.node for use in node.outputs[0].uses()]
+    product = node.outputs[0]
+    readers = [use.node for use in product.uses()]
     if len(readers) == 1 and readers[0].op_type == "Add" and readers[0].domain in ("", "ai.onnx"):
-        add = readers[0]
         columns = node.inputs[1].const_value.shape[1]
-        for index, value in enumerate(add.inputs):
-            if index != list(add.inputs).index(node.outputs[0]) and _is_bias(value, columns):
-                return Member(node, add, value.const_value.numpy().reshape(-1))
+        for value in readers[0].inputs:
+            if value is not product and _is_bias(value, columns):
+                return Member(node, readers[0], value.const_value.numpy().reshape(-1))
     return Member(node, None, None)
 
 
