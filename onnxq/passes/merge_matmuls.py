@@ -21,7 +21,6 @@ Rules (``MergeMatMulsPass``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +29,7 @@ import onnx_ir as ir
 
 from onnxq.config import QuantConfig
 from onnxq.passes.opset import default_opset
-from onnxq.passes.plan import is_constant, is_float32
+from onnxq.passes.plan import NodeSelection, is_constant, is_float32
 from onnxq.passes.smooth_quant import smoothing_groups
 from onnxq.targets import get_target
 
@@ -58,7 +57,7 @@ class Member:
 class MergeMatMulsPass(ir.passes.InPlacePass):
     """Apply the module's rules; ``merged`` lists the merged MatMuls' names."""
 
-    keep_apart: Callable[[ir.Node], bool] = lambda node: False
+    keep_apart: Callable[[ir.Node], bool]
     merged: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -81,14 +80,11 @@ class MergeMatMulsPass(ir.passes.InPlacePass):
 def merge_matmuls(model: ir.Model, config: QuantConfig) -> list[str]:
     """Merge where the config quantizes MatMul weights per output column (exact there) and
     ``merge_matmuls`` is on, keeping apart the MatMuls the config leaves float or names."""
-    target = get_target(config.target)
-    if not (config.merge_matmuls and config.per_channel and "MatMul" in target.per_channel_ops):
+    per_channel = config.per_channel and "MatMul" in get_target(config.target).per_channel_ops
+    if not (config.merge_matmuls and per_channel):
         return []
-    allowed = set(config.op_types) or target.quantized_ops
-    if "MatMul" not in allowed or "MatMul" in config.exclude_op_types:
-        return []
-    patterns = [re.compile(p) for p in config.exclude_nodes]
-    merge = MergeMatMulsPass(lambda node: any(p.search(node.name or "") for p in patterns))
+    selection = NodeSelection.from_config(config)
+    merge = MergeMatMulsPass(lambda node: selection.declined(node) is not None)
     merge(model)
     return merge.merged
 
@@ -135,9 +131,9 @@ def _merge(graph: ir.Graph, members: list[Member]) -> str:
     graph.insert_before(first, [*nodes, split])
     for member, output in zip(members, split.outputs, strict=True):
         old = member.result
-        output.type, output.shape, name_kept = old.type, old.shape, old.name
+        output.type, output.shape = old.type, old.shape
         ir.convenience.replace_all_uses_with(old, output)
-        old.name, output.name = None, name_kept
+        old.name, output.name = None, old.name
     for member in members:
         for node in (member.bias_add, member.matmul):
             if node is not None:

@@ -94,6 +94,34 @@ def node_label(node: ir.Node, index: int) -> str:
     return node.name or f"{node.op_type}_{index}"
 
 
+@dataclass(frozen=True)
+class NodeSelection:
+    """The user's choice of nodes: op types allowed (the config's ``op_types``, else the
+    target's ``quantized_ops``), op types and node-name patterns excluded (rule 2)."""
+
+    allowed_ops: frozenset[str]
+    excluded_ops: frozenset[str]
+    name_patterns: tuple[re.Pattern[str], ...]
+
+    @classmethod
+    def from_config(cls, config: QuantConfig) -> NodeSelection:
+        return cls(
+            frozenset(config.op_types) or get_target(config.target).quantized_ops,
+            frozenset(config.exclude_op_types),
+            tuple(re.compile(p) for p in config.exclude_nodes),
+        )
+
+    def declined(self, node: ir.Node) -> str | None:
+        """Why the user's choice leaves ``node`` float, or ``None``."""
+        if node.op_type not in self.allowed_ops:
+            return "op type not selected"
+        if node.op_type in self.excluded_ops:
+            return "excluded by op type"
+        name = node.name or ""
+        matching = next((p.pattern for p in self.name_patterns if p.search(name)), None)
+        return None if matching is None else f"excluded by name pattern {matching!r}"
+
+
 def plan_quantization(
     model: ir.Model, config: QuantConfig, *, skip_tensors: Iterable[str] = ()
 ) -> QuantPlan:
@@ -101,9 +129,7 @@ def plan_quantization(
     graph = model.graph
     skip = set(skip_tensors)
     target = get_target(config.target)
-    allowed_ops = set(config.op_types) or target.quantized_ops
-    excluded_ops = set(config.exclude_op_types)
-    name_patterns = [re.compile(p) for p in config.exclude_nodes]
+    selection = NodeSelection.from_config(config)
     plan = QuantPlan()
     decided: dict[int, NodeDecision] = {}
     needed: set[str] = set()
@@ -121,17 +147,7 @@ def plan_quantization(
             continue
         if node.op_type in target.float_output_ops:
             rule = replace(rule, float_output_ok=True)
-        if node.op_type not in allowed_ops:
-            decline("op type not selected")
-            continue
-        if node.op_type in excluded_ops:
-            decline("excluded by op type")
-            continue
-        matching = next((p.pattern for p in name_patterns if p.search(node.name or "")), None)
-        if matching is not None:
-            decline(f"excluded by name pattern {matching!r}")
-            continue
-        reason = _check_inputs(node, rule, skip)
+        reason = selection.declined(node) or _check_inputs(node, rule, skip)
         if reason:
             decline(reason)
             continue
