@@ -23,7 +23,6 @@ Rewrite rules (``DynamicQuantizePass``):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +33,7 @@ from onnxq.passes.fold_constants import remove_unused_initializers
 from onnxq.passes.naming import add_initializer
 from onnxq.passes.plan import (
     NodeDecision,
+    NodeSelection,
     is_constant,
     is_float32,
     node_label,
@@ -43,6 +43,11 @@ from onnxq.qparams import QParams, quantize
 
 MS_DOMAIN = "com.microsoft"
 FLOAT = ir.DataType.FLOAT
+DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "LSTM"})  # rewritten unless ``op_types`` says
+NO_DYNAMIC_KERNEL = {  # op types considered and left float whatever is selected (rule 5)
+    "Conv": "dynamic Conv (ConvInteger) is not faster than fp32 on CPU; use static",
+    "GRU": "ONNX Runtime has no int8 GRU kernel",
+}
 
 
 @dataclass
@@ -61,33 +66,21 @@ class DynamicQuantizePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        patterns = [re.compile(p) for p in self.config.exclude_nodes]
-        selected = set(self.config.op_types) or {"MatMul", "Gemm", "LSTM"}
-        considered = set(self.config.op_types) or {"MatMul", "Gemm", "LSTM", "Conv", "GRU"}
+        selection = NodeSelection.from_config(self.config, DYNAMIC_OPS)
+        rewrites = {"MatMul": self._matmul, "Gemm": self._gemm, "LSTM": self._lstm}
+        known = rewrites.keys() | NO_DYNAMIC_KERNEL.keys()  # other selected types: no rule
+        considered = known & (set(self.config.op_types) or known)
         for index, node in enumerate(list(graph)):
             if node.domain not in ("", "ai.onnx") or node.op_type not in considered:
                 continue
             label = node_label(node, index)
-            reason = self._decline_reason(node, selected, patterns)
+            reason = NO_DYNAMIC_KERNEL.get(node.op_type) or selection.declined(node)
             if not reason:
-                rewrite = {"MatMul": self._matmul, "Gemm": self._gemm, "LSTM": self._lstm}
-                reason = rewrite[node.op_type](graph, node)
+                reason = rewrites[node.op_type](graph, node)
             quantized = reason.startswith("int8")
             self.decisions.append(NodeDecision(label, node.op_type, quantized, reason))
         remove_unused_initializers(model)
         return ir.passes.PassResult(model, modified=any(d.quantized for d in self.decisions))
-
-    def _decline_reason(self, node: ir.Node, selected: set[str], patterns: list) -> str:
-        if node.op_type == "Conv":
-            return "dynamic Conv (ConvInteger) is not faster than fp32 on CPU; use static"
-        if node.op_type == "GRU":
-            return "ONNX Runtime has no int8 GRU kernel"
-        if node.op_type not in selected:
-            return "op type not selected"
-        if node.op_type in self.config.exclude_op_types:
-            return "excluded by op type"
-        matching = next((p.pattern for p in patterns if p.search(node.name or "")), None)
-        return f"excluded by name pattern {matching!r}" if matching else ""
 
     # -- rule 1 -------------------------------------------------------------------------------
     def _matmul(self, graph: ir.Graph, node: ir.Node) -> str:

@@ -96,17 +96,20 @@ def node_label(node: ir.Node, index: int) -> str:
 
 @dataclass(frozen=True)
 class NodeSelection:
-    """The user's choice of nodes: op types allowed (the config's ``op_types``, else the
-    target's ``quantized_ops``), op types and node-name patterns excluded (rule 2)."""
+    """The user's choice of nodes: op types allowed (the config's ``op_types``, else
+    ``default_ops``: the target's ``quantized_ops`` unless a mode gives its own), op types and
+    node-name patterns excluded (rule 2)."""
 
     allowed_ops: frozenset[str]
     excluded_ops: frozenset[str]
     name_patterns: tuple[re.Pattern[str], ...]
 
     @classmethod
-    def from_config(cls, config: QuantConfig) -> NodeSelection:
+    def from_config(
+        cls, config: QuantConfig, default_ops: frozenset[str] | None = None
+    ) -> NodeSelection:
         return cls(
-            frozenset(config.op_types) or get_target(config.target).quantized_ops,
+            frozenset(config.op_types) or default_ops or get_target(config.target).quantized_ops,
             frozenset(config.exclude_op_types),
             tuple(re.compile(p) for p in config.exclude_nodes),
         )

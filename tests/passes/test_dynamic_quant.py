@@ -58,6 +58,23 @@ def test_per_channel_weight_scales_follow_output_columns(rng):
     assert {t.name: t for t in per_tensor.graph.initializer}["w1_scale"].dims == []
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"op_types": ("Gemm",)}, {"fc": "int8"}),  # unselected types are not candidates
+        ({"exclude_op_types": ("MatMul",)}, {"mm": "excluded by op type", "fc": "int8"}),
+        ({"exclude_nodes": ("^f",)}, {"mm": "int8", "fc": "excluded by name pattern '^f'"}),
+        ({"op_types": ("Relu", "MatMul")}, {"mm": "int8"}),  # no dynamic rule for Relu
+    ],
+)
+def test_the_users_node_selection_is_the_static_planners(options, expected, rng):
+    report = quantize_dynamic_with_report(_mlp(rng, 0), QuantConfig(**options)).report
+    reasons = {d.name: d.reason for d in report.decisions}
+    assert set(reasons) == set(expected)
+    for name, reason in expected.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+
+
 def test_conv_stays_float_with_a_reason(cnn):
     report = quantize_dynamic_with_report(cnn).report
     conv = [d for d in report.decisions if d.op_type == "Conv"]
