@@ -43,6 +43,9 @@ class QuantType(str, enum.Enum):
         return 0, 2**self.bits - 1
 
 
+ACTIVATION_TYPES = tuple(t for t in QuantType if t.bits >= 8)
+
+
 class CalibrationMethod(str, enum.Enum):
     """How an activation range is chosen from the observed values."""
 
@@ -188,6 +191,12 @@ class QuantConfig:
             raise ConfigError(f"block_size must be a power of two >= 16, got {self.block_size}")
         if self.max_samples is not None and self.max_samples < 1:
             raise ConfigError(f"max_samples must be >= 1, got {self.max_samples}")
+        if self.activation_type is not None and self.activation_type.bits < 8:
+            choices = ", ".join(t.value for t in ACTIVATION_TYPES)
+            raise ConfigError(
+                f"activation_type must be one of {choices}, got {self.activation_type.value} "
+                "(4-bit types are for weight-only weights)"
+            )
         unsigned = self.activation_type is not None and not self.activation_type.signed
         if self.activation_symmetric and unsigned:
             raise ConfigError("symmetric activations need a signed activation_type (int8)")

@@ -40,7 +40,7 @@ from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
 from onnxq.quality import OutputQuality, measure_quality
 from onnxq.smoothing import smooth_from_data
-from onnxq.targets import check_mode, get_target
+from onnxq.targets import check_activation_type, check_mode, get_target
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
 
@@ -325,6 +325,7 @@ def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantCo
             f"{config.weight_type.value} weights are written by --mode weight-only only, "
             f"not {mode.value}"
         )
+    fixed = check_activation_type(config, mode)
     if config.reduce_range is not None:
         reason = "set by the user"
     elif target.reduce_range:
@@ -335,7 +336,10 @@ def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantCo
     else:
         needs = " (x86 deployment CPUs need VNNI)" if target.requires_vnni else ""
         reason = f"target {target.name}: 8-bit weights{needs}"
-    return config.resolved(), reason
+    resolved = config.resolved()
+    if fixed is not None:  # dynamic: what DynamicQuantizeLinear writes, whatever the target's
+        resolved = resolved.replace(activation_type=fixed, activation_symmetric=False)
+    return resolved, reason
 
 
 QUANTIZED_OPS = frozenset(

@@ -14,6 +14,7 @@ from onnxq.calibration.readers import open_feeds
 from onnxq.config import QuantConfig
 from onnxq.ir_io import from_proto, to_proto
 from onnxq.model_io import input_specs
+from onnxq.passes.plan import NodeSelection
 from onnxq.passes.smooth_quant import (
     ChannelStatsObserver,
     SmoothQuantPass,
@@ -31,15 +32,21 @@ def smooth_model(
     alpha: float = 0.7,
     fold_only: bool = False,
     proto: onnx.ModelProto | None = None,
+    selection: NodeSelection | None = None,
 ) -> list[tuple[str, str]]:
     """Smooth ``model`` in place from one pass over ``feeds``; ``proto``, when the caller has
-    it, is ``model`` as it is now, serialised (saves serialising again).
+    it, is ``model`` as it is now, serialised (saves serialising again). A group whose every
+    MatMul ``selection`` leaves float is not smoothed: it would gain nothing (and may pay a Mul).
 
     Folds through channel-wise ops are first tried on a copy and kept only where the smoothed
     activation is ``X / s`` on the first batch (``verified_routes``).
     Returns ``(activation, how the factor was applied)`` for each smoothed group.
     """
-    groups = smoothing_groups(model.graph)
+    groups = {
+        name: nodes
+        for name, nodes in smoothing_groups(model.graph).items()
+        if selection is None or not all(selection.declined(node) for node in nodes)
+    }
     if not groups:
         return []
     routed = [
@@ -125,7 +132,12 @@ def smooth_from_data(
     if not feeds.reiterable:
         return False, ["SmoothQuant skipped: the calibration source can be read only once"]
     applied = smooth_model(
-        model, feeds, alpha=config.smooth_alpha, fold_only=config.smooth_fold_only, proto=proto
+        model,
+        feeds,
+        alpha=config.smooth_alpha,
+        fold_only=config.smooth_fold_only,
+        proto=proto,
+        selection=NodeSelection.from_config(config),
     )
     if not applied:
         return False, []

@@ -34,7 +34,7 @@ from onnxq.pipeline import (
     prepare_float,
     refuse_quantized,
 )
-from onnxq.targets import check_mode, get_target
+from onnxq.targets import check_activation_type, check_mode, get_target
 
 DEFAULT_WEIGHT_TYPE = QuantType.UINT4
 """A zero point per block: on all-MiniLM-L6-v2 (block 32, GPTQ from 64 sentences) cosine to
@@ -126,6 +126,7 @@ def resolve_weight_only(config: QuantConfig | None) -> QuantConfig:
     own weight type is its static one, and activations are float here."""
     config = config or QuantConfig()
     check_mode(get_target(config.target), QuantMode.WEIGHT_ONLY)
+    check_activation_type(config, QuantMode.WEIGHT_ONLY)
     weight_type = config.weight_type or DEFAULT_WEIGHT_TYPE
     if weight_type not in WEIGHT_ONLY_TYPES:
         choices = ", ".join(sorted(t.value for t in WEIGHT_ONLY_TYPES))

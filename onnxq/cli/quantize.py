@@ -19,6 +19,7 @@ from onnxq.cli.options import (
     target_option,
 )
 from onnxq.config import (
+    ACTIVATION_TYPES,
     QuantConfig,
     QuantMode,
     QuantType,
@@ -108,7 +109,7 @@ from onnxq.targets.ort_format import ort_path
 )
 @click.option(
     "--activation-type",
-    type=click.Choice([t.value for t in QuantType]),
+    type=click.Choice([t.value for t in ACTIVATION_TYPES]),
     default=None,
     help="Default: the target's (ort-cpu: uint8).",
 )
@@ -341,6 +342,8 @@ def _summary(report: dict, output: Path) -> str:
     lines = [
         f"quantized {len(quantized)} nodes: "
         + ", ".join(f"{op} x{n}" for op, n in kernels.most_common())
+        if quantized
+        else "warning: no node was quantized: the output computes as the float model"
     ]
     if floats:
         lines.append(f"left float {sum(floats.values())} nodes:")

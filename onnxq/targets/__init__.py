@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from onnxq.config import QuantMode, QuantType
 from onnxq.errors import ConfigError
 from onnxq.targets.catalog import DEFAULT_TARGET, TARGETS
 from onnxq.targets.spec import BiasForm, Target
@@ -22,13 +23,14 @@ dynamic (8-bit activations), no data, 200 sentences, alpha 0.6 / 0.65 / 0.7: 7-b
 0.7: 0.9987 / 0.9984 / 0.9974 / 0.9876 / 0.893 (0.9730 unsmoothed)."""
 
 if TYPE_CHECKING:
-    from onnxq.config import QuantConfig, QuantMode
+    from onnxq.config import QuantConfig
 
 __all__ = [
     "DEFAULT_TARGET",
     "TARGETS",
     "BiasForm",
     "Target",
+    "check_activation_type",
     "check_mode",
     "get_target",
     "resolve_scheme",
@@ -83,3 +85,25 @@ def check_mode(target: Target, mode: QuantMode) -> None:
     if mode not in target.modes:
         modes = ", ".join(sorted(m.value for m in target.modes))
         raise ConfigError(f"target {target.name} supports --mode {modes}, not {mode.value}")
+
+
+FIXED_ACTIVATIONS: dict[QuantMode, tuple[QuantType | None, str]] = {
+    QuantMode.DYNAMIC: (
+        QuantType.UINT8,
+        "quantizes activations to uint8 at run time (DynamicQuantizeLinear)",
+    ),
+    QuantMode.WEIGHT_ONLY: (None, "keeps activations float"),
+}
+"""Modes whose activation type is fixed whatever the target's (``None``: float), and how."""
+
+
+def check_activation_type(config: QuantConfig, mode: QuantMode) -> QuantType | None:
+    """The activation type ``mode`` fixes (``None``: the target's, or float); a different one
+    set in ``config`` is a ``ConfigError``."""
+    fixed, rule = FIXED_ACTIVATIONS.get(mode, (None, ""))
+    if rule and config.activation_type not in (None, fixed):
+        raise ConfigError(
+            f"--mode {mode.value} {rule}: --activation-type {config.activation_type.value} "
+            "does not apply"
+        )
+    return fixed

@@ -9,6 +9,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from support import run
 
+from onnxq.config import QuantConfig
+from onnxq.passes.plan import NodeSelection
 from onnxq.passes.prepare import prepare
 from onnxq.smoothing import smooth_model
 
@@ -99,3 +101,15 @@ def test_fold_only_adds_no_node():
     feed = _feeds(np.random.default_rng(2), 1)[0]
     smoothed = ir.to_proto(model)
     np.testing.assert_allclose(run(smoothed, feed)[0], run(proto, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("changes", [{"exclude_op_types": ("MatMul",)}, {"op_types": ("Conv",)}])
+def test_matmuls_the_user_leaves_float_are_not_smoothed(changes):
+    """Smoothing them would gain nothing and could cost a Mul."""
+    model = prepare(ir.from_proto(_outlier_value_model((0, 2, 1, 3))))
+    before = ir.to_proto(model).SerializeToString()
+    selection = NodeSelection.from_config(QuantConfig(**changes))
+    assert smooth_model(model, _feeds(np.random.default_rng(1), 3), selection=selection) == []
+    assert ir.to_proto(model).SerializeToString() == before
+    everything = NodeSelection.from_config(QuantConfig())
+    assert smooth_model(model, _feeds(np.random.default_rng(1), 3), selection=everything)

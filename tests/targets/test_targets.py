@@ -23,6 +23,7 @@ from onnxq.isa import CpuFeatures
 from onnxq.pipeline import quantize, quantize_with_report
 from onnxq.targets import TARGETS, get_target
 from onnxq.targets.check import RULES, check_model
+from onnxq.weight_only import quantize_weight_only
 
 NEAREST = {"weight_rounding": "nearest"}
 
@@ -63,6 +64,24 @@ def test_a_target_refuses_a_scheme_or_mode_its_runtime_cannot_run(cnn_and_data):
         quantize(model, data, QuantConfig(target="tensorrt", activation_type="uint8"))
     with pytest.raises(ConfigError, match="supports --mode static, not dynamic"):
         quantize_dynamic(model, QuantConfig(target="qnn"))
+
+
+def test_activation_types_a_mode_cannot_write_are_refused(cnn_and_data):
+    model, _ = cnn_and_data
+    with pytest.raises(ConfigError, match="activation_type must be one of uint8, int8, uint16"):
+        QuantConfig(activation_type="uint4")
+    with pytest.raises(ConfigError, match="dynamic quantizes activations to uint8 at run time"):
+        quantize_dynamic(model, QuantConfig(activation_type="int16"))
+    with pytest.raises(ConfigError, match="weight-only keeps activations float"):
+        quantize_weight_only(model, QuantConfig(activation_type="int8"))
+
+
+def test_dynamic_mode_records_the_uint8_activations_it_writes(cnn_and_data):
+    """ort-arm64's static activations are int8; DynamicQuantizeLinear writes uint8 anyway."""
+    model, _ = cnn_and_data
+    quantized = quantize_dynamic(model, QuantConfig(target="ort-arm64"))
+    assert json.loads(_metadata(quantized)["onnxq.scheme"])["activation_type"] == "uint8"
+    assert {n.op_type for n in quantized.graph.node} >= {"DynamicQuantizeLinear"}
 
 
 def test_the_host_cpu_never_changes_the_file(cnn_and_data, monkeypatch):
