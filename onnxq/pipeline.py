@@ -29,12 +29,19 @@ from onnxq.executor import Executor
 from onnxq.ir_io import from_proto, to_proto
 from onnxq.isa import cpu_features
 from onnxq.model_io import CHECKER_ERRORS, input_specs, model_bytes, model_proto, serialize
-from onnxq.passes.dynamic_quant import quantize_dynamic_graph
+from onnxq.passes.dynamic_quant import DYNAMIC_OPS, NO_DYNAMIC_KERNEL, quantize_dynamic_graph
 from onnxq.passes.half_precision import store_half_weights
 from onnxq.passes.infer_shapes import drop_value_info
 from onnxq.passes.insert_qdq import insert_qdq
 from onnxq.passes.merge_matmuls import merge_matmuls, merged_note
-from onnxq.passes.plan import NodeDecision, QuantPlan, non_tensor_note, plan_quantization
+from onnxq.passes.op_rules import QUANTIZABLE_OPS
+from onnxq.passes.plan import (
+    NodeDecision,
+    QuantPlan,
+    check_op_types,
+    non_tensor_note,
+    plan_quantization,
+)
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.qparams import QParams, compute_qparams
@@ -314,6 +321,13 @@ def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams
     )
 
 
+MODE_OP_RULES = {
+    QuantMode.STATIC: frozenset(QUANTIZABLE_OPS),
+    QuantMode.DYNAMIC: DYNAMIC_OPS | NO_DYNAMIC_KERNEL.keys(),
+}
+"""Op types each mode has rules for (``op_types`` may name only these)."""
+
+
 def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantConfig, str]:
     """``config`` (default: ``QuantConfig()``) with its target's scheme filled in and checked
     against ``mode``, and why weights are (or are not) 7-bit. The host CPU plays no part."""
@@ -326,6 +340,7 @@ def resolve_config(config: QuantConfig | None, mode: QuantMode) -> tuple[QuantCo
             f"not {mode.value}"
         )
     fixed = check_activation_type(config, mode)
+    check_op_types(config, MODE_OP_RULES[mode], mode.value)
     if config.reduce_range is not None:
         reason = "set by the user"
     elif target.reduce_range:

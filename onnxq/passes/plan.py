@@ -28,12 +28,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 import onnx_ir as ir
 
 from onnxq.config import QuantConfig
+from onnxq.errors import ConfigError
 from onnxq.passes.op_rules import (
     PASS_THROUGH_OPS,
     QUANTIZABLE_OPS,
@@ -123,6 +124,17 @@ class NodeSelection:
         name = node.name or ""
         matching = next((p.pattern for p in self.name_patterns if p.search(name)), None)
         return None if matching is None else f"excluded by name pattern {matching!r}"
+
+
+def check_op_types(config: QuantConfig, rules: Collection[str], mode: str) -> None:
+    """``config.op_types`` may name only op types ``mode`` has rules for: a typo (``matmul``)
+    would quantize nothing, silently. A ``ConfigError`` lists the known ones."""
+    unknown = sorted(set(config.op_types) - set(rules))
+    if unknown:
+        raise ConfigError(
+            f"op_types: {mode} mode has no rule for {', '.join(unknown)} "
+            f"(it has rules for {', '.join(sorted(rules))})"
+        )
 
 
 def plan_quantization(

@@ -31,7 +31,6 @@ in ORT 1.32 (through Sigmoid, Tanh or GELU it fuses); ``onnxq inspect`` shows wh
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -42,7 +41,7 @@ from onnxq.blockwise import BlockQParams, block_qparams, quantize_blocks
 from onnxq.config import QuantConfig, QuantType
 from onnxq.gptq import HessianFactor, factor_hessian, gptq_round_groups
 from onnxq.passes.fold_constants import remove_unused_initializers
-from onnxq.passes.plan import NodeDecision, is_constant, is_float32, node_label
+from onnxq.passes.plan import NodeDecision, NodeSelection, is_constant, is_float32, node_label
 
 WEIGHT_ONLY_OPSET = 21
 """Default-domain opset of blocked ``DequantizeLinear`` (and of int4/uint4 tensors)."""
@@ -50,7 +49,7 @@ WEIGHT_ONLY_OPSET = 21
 WEIGHT_ONLY_TYPES = frozenset({QuantType.INT4, QuantType.UINT4, QuantType.INT8, QuantType.UINT8})
 """Weight types ONNX Runtime fuses into ``MatMulNBits``."""
 
-WEIGHT_OPS = ("MatMul", "Gemm")
+WEIGHT_OPS = frozenset({"MatMul", "Gemm"})
 
 _IR_TYPES = {
     QuantType.INT4: ir.DataType.INT4,
@@ -64,13 +63,9 @@ def candidate_reason(node: ir.Node, config: QuantConfig) -> str:
     """Why ``node`` keeps a float weight (rules 1-3), or ``""`` when its weight is blocked."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
         return "not a MatMul or Gemm"
-    if config.op_types and node.op_type not in config.op_types:
-        return "op type not selected"
-    if node.op_type in config.exclude_op_types:
-        return "excluded by op type"
-    matching = next((p for p in config.exclude_nodes if re.search(p, node.name or "")), None)
-    if matching is not None:
-        return f"excluded by name pattern {matching!r}"
+    declined = NodeSelection.from_config(config, WEIGHT_OPS).declined(node)
+    if declined:
+        return declined
     if node.op_type == "Gemm":
         attrs = node.attributes
         if _int(attrs, "transA", 0) or _float(attrs, "alpha") != 1 or _float(attrs, "beta") != 1:

@@ -10,6 +10,7 @@ from support import optimized_op_counts, run, sqnr_db
 
 from onnxq.config import QuantConfig
 from onnxq.dynamic import quantize_dynamic_with_report
+from onnxq.errors import ConfigError
 
 
 def _mlp(rng: np.random.Generator, trans_b: int) -> onnx.ModelProto:
@@ -64,7 +65,6 @@ def test_per_channel_weight_scales_follow_output_columns(rng):
         ({"op_types": ("Gemm",)}, {"fc": "int8"}),  # unselected types are not candidates
         ({"exclude_op_types": ("MatMul",)}, {"mm": "excluded by op type", "fc": "int8"}),
         ({"exclude_nodes": ("^f",)}, {"mm": "int8", "fc": "excluded by name pattern '^f'"}),
-        ({"op_types": ("Relu", "MatMul")}, {"mm": "int8"}),  # no dynamic rule for Relu
     ],
 )
 def test_the_users_node_selection_is_the_static_planners(options, expected, rng):
@@ -73,6 +73,12 @@ def test_the_users_node_selection_is_the_static_planners(options, expected, rng)
     assert set(reasons) == set(expected)
     for name, reason in expected.items():
         assert reasons[name].startswith(reason), (name, reasons[name])
+
+
+@pytest.mark.parametrize("op_types", [("Relu", "MatMul"), ("matmul",)])
+def test_op_types_without_a_dynamic_rule_are_refused(op_types, rng):
+    with pytest.raises(ConfigError, match="dynamic mode has no rule for"):
+        quantize_dynamic_with_report(_mlp(rng, 0), QuantConfig(op_types=op_types))
 
 
 def test_conv_stays_float_with_a_reason(cnn):

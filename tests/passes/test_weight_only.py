@@ -260,6 +260,7 @@ def test_mode_target_and_scheme_are_recorded(rng):
         ({"target": "qnn"}, "target qnn supports --mode static, not weight-only"),
         ({"weight_type": "uint16"}, "weight-only mode writes int4, int8, uint4, uint8 weights"),
         ({"reduce_range": True}, "reduce_range does not apply"),
+        ({"op_types": ("Conv",)}, "weight-only mode has no rule for Conv"),
     ],
 )
 def test_configs_weight_only_cannot_write_are_refused(changes, message, rng):

@@ -66,14 +66,16 @@ def test_a_target_refuses_a_scheme_or_mode_its_runtime_cannot_run(cnn_and_data):
         quantize_dynamic(model, QuantConfig(target="qnn"))
 
 
-def test_activation_types_a_mode_cannot_write_are_refused(cnn_and_data):
-    model, _ = cnn_and_data
+def test_schemes_and_op_types_a_mode_cannot_write_are_refused(cnn_and_data):
+    model, data = cnn_and_data
     with pytest.raises(ConfigError, match="activation_type must be one of uint8, int8, uint16"):
         QuantConfig(activation_type="uint4")
     with pytest.raises(ConfigError, match="dynamic quantizes activations to uint8 at run time"):
         quantize_dynamic(model, QuantConfig(activation_type="int16"))
     with pytest.raises(ConfigError, match="weight-only keeps activations float"):
         quantize_weight_only(model, QuantConfig(activation_type="int8"))
+    with pytest.raises(ConfigError, match="static mode has no rule for matmul"):
+        quantize(model, data, QuantConfig(op_types=("matmul",)))
 
 
 def test_dynamic_mode_records_the_uint8_activations_it_writes(cnn_and_data):
