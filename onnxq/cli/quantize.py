@@ -343,7 +343,7 @@ def _summary(report: dict, output: Path) -> str:
         f"quantized {len(quantized)} nodes: "
         + ", ".join(f"{op} x{n}" for op, n in kernels.most_common())
         if quantized
-        else "warning: no node was quantized: the output computes as the float model"
+        else "quantized 0 nodes: the output computes as the float model"
     ]
     if floats:
         lines.append(f"left float {sum(floats.values())} nodes:")
