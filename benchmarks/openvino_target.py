@@ -2,19 +2,21 @@
 ``python -m benchmarks.openvino_target``.
 
 For a CNN (the zoo ResNet-18) and a transformer (ViT-S/16, ``models.vit``), both at 224x224 and
-calibrated on the same photo crops, and a trained transformer (all-MiniLM-L6-v2, calibrated on
-and measured with sentences, as in ``benchmarks.run``), four models run in OpenVINO's CPU
-plugin: fp32, onnxq ``--target openvino``, onnxq's default target (``ort-cpu``) and ONNX
-Runtime's ``quantize_static`` QDQ output (per-channel, u8 activations, s8 weights, after its
-``quant_pre_process``). For each: how many weighted layers run u8/i8 in OpenVINO's runtime
-model, SQNR and mean cosine against fp32 (OpenVINO, f32) on held-out data (photos: crops of the
-evaluation region; SQNR on other crops of the calibration region too), the largest share of an
-activation's values clipped on the held-out data (``onnxq.coverage``), and batch-1 latency at
-a fixed thread count, interleaved, at two inference precisions: ``f32`` and the plugin's
+calibrated on the same photo crops (``wide_calibration_crops``: eight photos), and a trained
+transformer (all-MiniLM-L6-v2, calibrated on and measured with sentences, as in
+``benchmarks.run``), four models run in OpenVINO's CPU plugin: fp32, onnxq ``--target
+openvino``, onnxq's default target (``ort-cpu``) and ONNX Runtime's ``quantize_static`` QDQ
+output (per-channel, u8 activations, s8 weights, after its ``quant_pre_process``); for the
+photos also onnxq ``--target openvino`` calibrated on the two scikit-learn photos only. For
+each: how many weighted layers run u8/i8 in OpenVINO's runtime model, SQNR and mean cosine
+against fp32 (OpenVINO, f32) on held-out data (photos: crops of the evaluation region of the
+two scikit-learn photos; SQNR on other crops of their calibration region too), the largest
+share of an activation's values clipped on the held-out data (``onnxq.coverage``), and batch-1
+latency at a fixed thread count, interleaved, at two inference precisions: ``f32`` and the plugin's
 default (``bf16`` on CPUs with AMX, so there "fp32" means what a user gets without a hint).
 
 Options: ``--models resnet,vit,minilm``, ``--out benchmarks/results``, ``--threads 1``,
-``--rounds 10``, ``--calib 32`` (photo crops), ``--quick`` (8 calibration crops, MiniLM's quick
+``--rounds 10``, ``--calib 128`` (photo crops), ``--quick`` (8 calibration crops, MiniLM's quick
 zoo sizes, 3 rounds: a smoke run), ``--onednn-max-isa ISA`` (sets ``ONEDNN_MAX_CPU_ISA`` before
 OpenVINO loads, e.g. ``AVX2``: an *emulation* of an older CPU, recorded as such; writes
 ``openvino-ISA.md``), ``--keep-models DIR``.
@@ -44,6 +46,7 @@ MINILM_EVAL = 100
 VARIANTS = (
     ("fp32", "fp32"),
     ("onnxq-openvino", "onnxq --target openvino"),
+    ("onnxq-openvino-2photos", "onnxq --target openvino, calibrated on 2 photos only"),
     ("onnxq-default", "onnxq (default target ort-cpu)"),
     ("ort-static", "ORT quantize_static (QDQ, per-channel)"),
 )
@@ -60,6 +63,7 @@ class Case:
     calib: Feeds
     evaluation: Feeds
     in_region: Feeds | None = None
+    narrow_calib: Feeds | None = None  # photos: the two photos' calibration region only
 
 
 @dataclass
@@ -85,7 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--calib", type=int, default=32)
+    parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--onednn-max-isa", default=None)
     parser.add_argument("--keep-models", type=Path, default=None)
@@ -108,7 +112,12 @@ def prepare_case(name: str, folder: Path, calib_images: int, *, quick: bool = Fa
         zoo = prepare("minilm", folder / "minilm", (QUICK if quick else FULL)["minilm"])
         evaluation = {k: v[:MINILM_EVAL] for k, v in load_feeds(zoo.eval).items()}
         return Case(zoo.fp32, load_feeds(zoo.calib), evaluation)
-    from calibration.images import eval_inputs, photo_crops, resnet_inputs
+    from calibration.images import (
+        eval_inputs,
+        photo_crops,
+        resnet_inputs,
+        wide_calibration_crops,
+    )
     from models.resnet import resnet18_factory
     from models.vit import vit_s_factory
     from onnxq.export import export_torch
@@ -119,22 +128,31 @@ def prepare_case(name: str, folder: Path, calib_images: int, *, quick: bool = Fa
     export_torch(module, example, path, input_names=["input"])
     return Case(
         path,
-        {"input": resnet_inputs(calib_images)},
+        {"input": wide_calibration_crops(calib_images)},
         {"input": eval_inputs(EVAL_IMAGES)},
         {"input": photo_crops("calib", EVAL_IMAGES, seed=1)},
+        {"input": resnet_inputs(calib_images)},
     )
 
 
-def quantize_variants(fp32: Path, calib: Feeds) -> list[Row]:
-    """fp32 and the three quantized variants of one model, written beside ``fp32``."""
+def quantize_variants(fp32: Path, calib: Feeds, narrow_calib: Feeds | None = None) -> list[Row]:
+    """fp32 and the quantized variants of one model (onnxq calibrated on ``narrow_calib`` too,
+    where given), written beside ``fp32``."""
     import onnxq
     from onnxq.config import QuantConfig
 
     rows = [Row("fp32", "fp32", fp32)]
-    for slug, target in (("onnxq-openvino", "openvino"), ("onnxq-default", "ort-cpu")):
+    onnxq_variants = [
+        ("onnxq-openvino", "openvino", calib),
+        ("onnxq-openvino-2photos", "openvino", narrow_calib),
+        ("onnxq-default", "ort-cpu", calib),
+    ]
+    for slug, target, data in onnxq_variants:
+        if data is None:
+            continue
         path = fp32.with_name(fp32.name.replace("fp32", slug))
         start = time.perf_counter()
-        onnx.save(onnxq.quantize(fp32, calib, QuantConfig(target=target)), path)
+        onnx.save(onnxq.quantize(fp32, data, QuantConfig(target=target)), path)
         rows.append(Row(slug, dict(VARIANTS)[slug], path, quantize_s=time.perf_counter() - start))
     path = fp32.with_name(fp32.name.replace("fp32", "ort-static"))
     start = time.perf_counter()
@@ -271,10 +289,14 @@ def markdown(results: dict[str, list[Row]], env: dict[str, Any]) -> str:
         + f"; {env['threads']} thread(s), batch 1, {env['rounds']} interleaved rounds x 5 runs, "
         f"median; accuracy vs fp32 in OpenVINO (f32).",
         "",
-        f"Photos (ResNet-18, ViT-S): calibration on {env['calibration_images']} crops; 'eval' "
-        f"is {EVAL_IMAGES} crops of the evaluation region (the right {EVAL_WIDTH} columns of "
-        f"each photo, disjoint in pixels from calibration), 'calib region' {EVAL_IMAGES} other "
-        "crops of the calibration region (same distribution, other positions). MiniLM: "
+        f"Photos (ResNet-18, ViT-S): calibration on {env['calibration_images']} crops of eight "
+        "photos (the calibration region of scikit-learn's two sample photos and six sample "
+        "photos of scikit-image and matplotlib, whole: `calibration.images."
+        "wide_calibration_crops`); '2 photos only': on "
+        f"{env['calibration_images']} crops of the two scikit-learn photos' calibration region. "
+        f"'eval' is {EVAL_IMAGES} crops of the evaluation region (the right {EVAL_WIDTH} columns "
+        "of the two scikit-learn photos, pixels no calibration crop saw), 'calib region' "
+        f"{EVAL_IMAGES} other crops of their calibration region. MiniLM: "
         f"calibration on {env['calibration_sentences']} sentences, 'eval' is up to "
         f"{MINILM_EVAL} held-out sentences (seq 64). "
         "'cosine': mean per-sample cosine of the first output on 'eval'. 'clipped': the largest "
@@ -329,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             print(f"{name}: export and quantize", file=sys.stderr)
             case = prepare_case(name, folder, args.calib, quick=args.quick)
-            rows = quantize_variants(case.fp32, case.calib)
+            rows = quantize_variants(case.fp32, case.calib, case.narrow_calib)
             print(f"{name}: measure in OpenVINO", file=sys.stderr)
             measure(rows, case, threads=args.threads, rounds=args.rounds)
             results[TITLES[name]] = rows

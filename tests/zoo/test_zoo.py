@@ -112,6 +112,21 @@ def test_photo_crops_are_deterministic_normalised_and_split_by_columns():
         photo_crops("test", 2)
 
 
+def test_wide_calibration_crops_cycle_through_eight_photos():
+    pytest.importorskip("skimage")
+    from calibration.images import EXTRA_PHOTOS, wide_calibration_crops
+
+    x = wide_calibration_crops(16)
+    assert x.shape == (16, 3, SIZE, SIZE) and x.dtype == np.float32
+    assert np.array_equal(x, wide_calibration_crops(16))
+    assert abs(float(x.mean())) < 0.8 and 0.5 < float(x.std()) < 1.5
+    sources = 2 + len(EXTRA_PHOTOS)
+    colours = x.mean(axis=(2, 3))[:sources]  # one crop of each photo: eight different scenes
+    assert (
+        min(np.abs(colours[i] - colours[j]).max() for i in range(sources) for j in range(i)) > 0.05
+    )
+
+
 @pytest.mark.slow
 def test_resnet18_factory_exports(tmp_path):
     module, example = load_factory("models.resnet:resnet18_factory")
