@@ -44,6 +44,7 @@ from onnxq.passes.plan import (
 )
 from onnxq.passes.prepare import prepare
 from onnxq.passes.quantize_embeddings import quantize_embeddings
+from onnxq.passes.weight_only import WEIGHT_OPS
 from onnxq.qparams import QParams, compute_qparams
 from onnxq.quality import OutputQuality, measure_quality
 from onnxq.smoothing import smooth_from_data
@@ -324,6 +325,7 @@ def activation_qparams(observer: MinMaxObserver, config: QuantConfig) -> QParams
 MODE_OP_RULES = {
     QuantMode.STATIC: frozenset(QUANTIZABLE_OPS),
     QuantMode.DYNAMIC: DYNAMIC_OPS | NO_DYNAMIC_KERNEL.keys(),
+    QuantMode.WEIGHT_ONLY: WEIGHT_OPS,
 }
 """Op types each mode has rules for (``op_types`` may name only these)."""
 

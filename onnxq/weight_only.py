@@ -24,11 +24,11 @@ from onnxq.passes.quantize_embeddings import quantize_embeddings
 from onnxq.passes.weight_only import (
     WEIGHT_ONLY_OPSET,
     WEIGHT_ONLY_TYPES,
-    WEIGHT_OPS,
     quantize_weight_only_graph,
     weight_only_inputs,
 )
 from onnxq.pipeline import (
+    MODE_OP_RULES,
     ModelSource,
     QuantizationReport,
     QuantResult,
@@ -129,7 +129,7 @@ def resolve_weight_only(config: QuantConfig | None) -> QuantConfig:
     config = config or QuantConfig()
     check_mode(get_target(config.target), QuantMode.WEIGHT_ONLY)
     check_activation_type(config, QuantMode.WEIGHT_ONLY)
-    check_op_types(config, WEIGHT_OPS, QuantMode.WEIGHT_ONLY.value)
+    check_op_types(config, MODE_OP_RULES[QuantMode.WEIGHT_ONLY], QuantMode.WEIGHT_ONLY.value)
     weight_type = config.weight_type or DEFAULT_WEIGHT_TYPE
     if weight_type not in WEIGHT_ONLY_TYPES:
         choices = ", ".join(sorted(t.value for t in WEIGHT_ONLY_TYPES))

@@ -59,11 +59,16 @@ _IR_TYPES = {
 }
 
 
-def candidate_reason(node: ir.Node, config: QuantConfig) -> str:
+def weight_only_selection(config: QuantConfig) -> NodeSelection:
+    """The MatMuls and Gemms the user's ``op_types`` and exclusions leave to this mode."""
+    return NodeSelection.from_config(config, WEIGHT_OPS)
+
+
+def candidate_reason(node: ir.Node, selection: NodeSelection) -> str:
     """Why ``node`` keeps a float weight (rules 1-3), or ``""`` when its weight is blocked."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
         return "not a MatMul or Gemm"
-    declined = NodeSelection.from_config(config, WEIGHT_OPS).declined(node)
+    declined = selection.declined(node)
     if declined:
         return declined
     if node.op_type == "Gemm":
@@ -84,10 +89,11 @@ def candidate_reason(node: ir.Node, config: QuantConfig) -> str:
 
 def weight_only_inputs(model: ir.Model, config: QuantConfig) -> dict[str, str]:
     """Node name -> name of the activation its blocked weight multiplies (GPTQ's Hessians)."""
+    selection = weight_only_selection(config)
     return {
         node.name: node.inputs[0].name
         for node in model.graph
-        if node.op_type in WEIGHT_OPS and not candidate_reason(node, config)
+        if node.op_type in WEIGHT_OPS and not candidate_reason(node, selection)
     }
 
 
@@ -107,10 +113,11 @@ class WeightOnlyPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        selection = weight_only_selection(self.config)
         for index, node in enumerate(list(graph)):
             if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
                 continue
-            reason = candidate_reason(node, self.config)
+            reason = candidate_reason(node, selection)
             quantized = not reason
             if quantized:
                 reason = self._rewrite(graph, node)
